@@ -1,0 +1,184 @@
+"""Duo-causal attention: the mask rule and its backends, plugged into HF's AttentionInterface.
+
+Query (i, d) may attend to key (j, k) iff j <= i, k <= d and token j ran depth k. TaH runs one depth at
+a time, and the key set handed to a depth-d call holds only depths the rule allows (see tah/cache.py),
+so inside one call the rule reduces to *position causality + key existence*:
+
+    allowed[b, q, k] = k_valid[b, k] and k_pos[b, k] <= q_pos[b, q]
+
+`DuoCausalSpec` carries those per-call tensors; HF's attention modules pass it through unchanged as
+`attention_mask` to `tah_attention`, registered here under the name "tah". Backends:
+
+- reference  explicit (B, 1, Tq, Tk) mask + naive softmax in fp32; used by tests as ground truth.
+- sdpa       torch SDPA. Depth 1 of a forward without cache is plain causal (`is_causal=True`, no
+             mask); decode sees every cached key (a (B, Tk) validity vector, no positional mask);
+             otherwise a dense bool mask of (Tq_d x Tk) -- small at depth >= 2 where Tq_d ~ 15% of T.
+- flex       FlexAttention with a block mask built from the same rule (never a dense T x T mask);
+             compiled. Torch has no FlexAttention backward on CPU, so on CPU it serves inference only.
+- auto       is_causal / key-validity fast cases via SDPA; the general case via flex on CUDA and the
+             dense-mask SDPA on CPU.
+
+Which path ran is counted per call in `DuoCausalSpec.counts` (TaHForCausalLM.attention_paths).
+Try it: python -c "import tah.attention as a; print(a.__doc__)"
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTN_IMPLEMENTATION = "tah"
+# Invalid (padding) query slots get this position so that they see every valid key: their output is
+# discarded, but a fully masked softmax row would put NaNs into the backward pass.
+INVALID_QUERY_POS = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class DuoCausalSpec:
+    """The visibility of one depth's call: the same for every layer of that depth."""
+
+    q_pos: torch.Tensor
+    """(B, Tq) long: position id of each query; INVALID_QUERY_POS for padding slots."""
+    k_pos: torch.Tensor
+    """(B, Tk) long: position id of each key (in the order of the key tensor)."""
+    k_valid: torch.Tensor
+    """(B, Tk) bool: the key exists (real token, ran that depth)."""
+    backend: str = "auto"
+    """Requested backend: auto | reference | sdpa | flex."""
+    causal: bool = False
+    """Keys are exactly the queries' own packed, left-aligned sequence: plain causal attention."""
+    all_keys_precede: bool = False
+    """Every valid key is at or before every query (decode): only key validity matters."""
+    q_segment: torch.Tensor | None = None
+    """(B, Tq) optional sample id of packed rows; attention never crosses sample boundaries."""
+    k_segment: torch.Tensor | None = None
+    """(B, Tk) sample ids of the keys (with q_segment)."""
+    counts: Counter = field(default_factory=Counter)
+    """Path name -> number of layer calls that took it."""
+    _block_mask: Any = None
+
+    def dense_mask(self) -> torch.Tensor:
+        """(B, 1, Tq, Tk) bool: the explicit visibility matrix (reference path, tests)."""
+        allowed = self.k_valid[:, None, :] & (self.k_pos[:, None, :] <= self.q_pos[:, :, None])
+        if self.q_segment is not None:
+            allowed = allowed & (self.k_segment[:, None, :] == self.q_segment[:, :, None])
+            # Padding queries have no segment match; let them see all valid keys (output discarded).
+            empty = ~allowed.any(-1, keepdim=True)
+            allowed = allowed | (empty & self.k_valid[:, None, :])
+        return allowed[:, None]
+
+
+def _reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DuoCausalSpec,
+               scaling: float, dropout: float, training: bool) -> torch.Tensor:
+    """Naive attention with the explicit mask, in fp32. query (B, H, Tq, D), key (B, Hkv, Tk, D)."""
+    rep = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(rep, dim=1)  # (B, H, Tk, D)
+    v = value.float().repeat_interleave(rep, dim=1)
+    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~spec.dense_mask(), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=dropout, training=training)
+    return torch.matmul(probs, v).to(query.dtype)  # (B, H, Tq, D)
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DuoCausalSpec,
+          scaling: float, dropout: float) -> tuple[torch.Tensor, str]:
+    """SDPA with the cheapest exact mask for this call; returns the output and the path name."""
+    gqa = query.shape[1] != key.shape[1]
+    if spec.causal and spec.q_segment is None and query.shape[2] == key.shape[2]:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             dropout_p=dropout, enable_gqa=gqa)
+        return out, "sdpa:is_causal"
+    if spec.all_keys_precede and spec.q_segment is None:
+        mask = None if bool(spec.k_valid.all()) else spec.k_valid[:, None, None, :]  # (B, 1, 1, Tk)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                             dropout_p=dropout, enable_gqa=gqa)
+        return out, "sdpa:key_valid" if mask is not None else "sdpa:no_mask"
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=spec.dense_mask(), scale=scaling,
+                                         dropout_p=dropout, enable_gqa=gqa)
+    return out, "sdpa:dense_mask"
+
+
+_COMPILED_FLEX: Any = None
+
+
+def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DuoCausalSpec,
+          scaling: float, dropout: float) -> torch.Tensor:
+    """FlexAttention over a block mask built once per spec (shared by all layers of the depth)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if dropout > 0:
+        raise ValueError("the flex attention backend does not support attention dropout")
+    if query.device.type == "cpu" and torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+    ):
+        raise RuntimeError(
+            "attn_backend='flex' was asked for a backward pass on CPU, which FlexAttention does not "
+            "support in this torch; use attn_backend='sdpa' (or 'auto') for CPU training"
+        )
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention)
+    if spec._block_mask is None:
+        q_pos, k_pos, k_valid = spec.q_pos, spec.k_pos, spec.k_valid
+        q_seg, k_seg = spec.q_segment, spec.k_segment
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            ok = k_valid[b, kv_idx] & (k_pos[b, kv_idx] <= q_pos[b, q_idx])
+            if q_seg is not None:
+                ok = ok & (k_seg[b, kv_idx] == q_seg[b, q_idx])
+            return ok
+
+        B, Tq = q_pos.shape
+        spec._block_mask = create_block_mask(mask_mod, B, None, Tq, k_pos.shape[1], device=query.device)
+    return _COMPILED_FLEX(query, key, value, block_mask=spec._block_mask, scale=scaling,
+                          enable_gqa=query.shape[1] != key.shape[1])
+
+
+def resolve_backend(requested: str, device: torch.device, spec: DuoCausalSpec) -> str:
+    """The backend that will run the general case of this spec ('auto' resolved by device)."""
+    if requested != "auto":
+        return requested
+    if spec.causal or spec.all_keys_precede:
+        return "sdpa"
+    return "flex" if device.type == "cuda" else "sdpa"
+
+
+def tah_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """HF attention-interface entry. query (B, H, Tq, D), key/value (B, Hkv, Tk, D) -> (B, Tq, H, D).
+
+    With a plain HF mask (the backbone used on its own) this is exactly HF's sdpa attention.
+    """
+    if not isinstance(attention_mask, DuoCausalSpec):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("sliding-window layers are not supported by TaH's duo-causal attention")
+    spec = attention_mask
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    backend = resolve_backend(spec.backend, query.device, spec)
+    if backend == "reference":
+        out, path = _reference(query, key, value, spec, scaling, dropout, module.training), "reference:dense_mask"
+    elif backend == "sdpa":
+        out, path = _sdpa(query, key, value, spec, scaling, dropout)
+    elif backend == "flex":
+        out, path = _flex(query, key, value, spec, scaling, dropout), "flex:block_mask"
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}")
+    spec.counts[path] += 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, tah_attention)
+# HF builds its own 4-D mask before calling attention when the backbone runs on its own; give the
+# "tah" name sdpa's mask format so that standalone use keeps working.
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)

@@ -1,0 +1,192 @@
+"""Per-depth key/value stores for duo-causal attention.
+
+Each depth keeps its own K/V (post-RoPE) per layer, holding only the tokens that ran that depth,
+packed to the left of each batch row. A depth-d call sees the concatenation of the depths its
+variant allows (duo-causal: 1..d), never keys of deeper depths. Two stores share one interface:
+
+- `PackedKV`  one forward without cache (training, scoring): keeps each depth's K/V tensors as
+              computed, so autograd sees no in-place writes; concatenates them per layer call.
+- `TaHCache`  decoding: per layer one preallocated buffer (B, Hkv, max_depth, capacity, D) grown in
+              chunks; new tokens are scattered into their slots (no torch.cat of the whole cache per
+              step); the depths a query may see are a *view* of the buffer, with a (B, Tk) validity
+              vector instead of any positional mask for single-token steps.
+
+HF's attention modules call `view.update(key_states, value_states, layer_idx)` (we pass the view as
+`past_key_values`) and get back the visible keys; `view.spec` is passed as `attention_mask`.
+Try it: python -m tah.demo
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from .attention import INVALID_QUERY_POS, DuoCausalSpec
+
+
+def visible_depths(depth: int, depth_attention: str) -> tuple[int, int]:
+    """Inclusive range (first, last) of depths whose keys a depth-`depth` query may see."""
+    if depth_attention == "duo_causal":
+        return 1, depth
+    if depth_attention == "current":  # AlwaysThink / Causal@current: causal within each depth
+        return depth, depth
+    if depth_attention == "first":  # Causal@iter1 ablation: every depth reads depth-1 keys only
+        return 1, 1
+    raise ValueError(f"unknown depth_attention {depth_attention!r}")
+
+
+def _query_pos(q_pos: torch.Tensor, q_valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(q_valid, q_pos, torch.full_like(q_pos, INVALID_QUERY_POS))
+
+
+class _DepthView:
+    """What one depth's pass through the layers sees; subclasses implement `update`."""
+
+    spec: DuoCausalSpec
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+               layer_idx: int, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class PackedKV:
+    """K/V of one cache-less forward, one tensor per (layer, depth), full batch rows."""
+
+    def __init__(self, num_layers: int, batch_size: int, depth_attention: str = "duo_causal") -> None:
+        self.num_layers, self.batch_size, self.depth_attention = num_layers, batch_size, depth_attention
+        self.k: list[dict[int, torch.Tensor]] = [{} for _ in range(num_layers)]  # (B, Hkv, T_d, D)
+        self.v: list[dict[int, torch.Tensor]] = [{} for _ in range(num_layers)]
+        self.pos: dict[int, torch.Tensor] = {}  # depth -> (B, T_d) long
+        self.valid: dict[int, torch.Tensor] = {}  # depth -> (B, T_d) bool
+
+    def _full(self, x: torch.Tensor, rows: torch.Tensor | None, fill: float | bool = 0) -> torch.Tensor:
+        """Rows-subset tensor -> full-batch tensor (out of place, so it stays differentiable)."""
+        if rows is None:
+            return x
+        full = x.new_full((self.batch_size, *x.shape[1:]), fill)
+        return full.index_copy(0, rows, x)
+
+    def begin_depth(self, depth: int, rows: torch.Tensor | None, q_pos: torch.Tensor,
+                    q_valid: torch.Tensor, backend: str, counts: Counter) -> "_PackedView":
+        """Register depth `depth`'s queries (rows' packed slots) and return the view for its layers."""
+        self.pos[depth] = self._full(q_pos, rows)
+        self.valid[depth] = self._full(q_valid, rows, False)
+        lo, hi = visible_depths(depth, self.depth_attention)
+        sel = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        k_pos = torch.cat([sel(self.pos[j]) for j in range(lo, hi + 1)], dim=1)
+        k_valid = torch.cat([sel(self.valid[j]) for j in range(lo, hi + 1)], dim=1)
+        spec = DuoCausalSpec(q_pos=_query_pos(q_pos, q_valid), k_pos=k_pos, k_valid=k_valid,
+                             backend=backend, causal=(lo == hi == depth), counts=counts)
+        return _PackedView(self, depth, rows, spec, (lo, hi), sel)
+
+
+class _PackedView(_DepthView):
+    def __init__(self, store: PackedKV, depth: int, rows: torch.Tensor | None, spec: DuoCausalSpec,
+                 visible: tuple[int, int], sel) -> None:
+        self.store, self.depth, self.rows, self.spec, self.visible, self.sel = store, depth, rows, spec, visible, sel
+
+    def update(self, key_states, value_states, layer_idx, *args):
+        st, d = self.store, self.depth
+        st.k[layer_idx][d] = st._full(key_states, self.rows)
+        st.v[layer_idx][d] = st._full(value_states, self.rows)
+        lo, hi = self.visible
+        # This depth's own keys are used as computed (no gather); shallower ones are row-selected.
+        ks = [key_states if j == d else self.sel(st.k[layer_idx][j]) for j in range(lo, hi + 1)]
+        vs = [value_states if j == d else self.sel(st.v[layer_idx][j]) for j in range(lo, hi + 1)]
+        if len(ks) == 1:
+            return ks[0], vs[0]
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+
+class TaHCache:
+    """Preallocated per-(layer, depth) KV cache for decoding batch rows of different lengths."""
+
+    def __init__(self, num_layers: int, max_depth: int, batch_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 chunk: int = 128, capacity: int = 0, depth_attention: str = "duo_causal") -> None:
+        self.num_layers, self.max_depth, self.batch_size = num_layers, max_depth, batch_size
+        self.num_kv_heads, self.head_dim, self.chunk = num_kv_heads, head_dim, chunk
+        self.dtype, self.device, self.depth_attention = dtype, torch.device(device), depth_attention
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []  # per layer (B, Hkv, max_depth, capacity, D)
+        self.v: list[torch.Tensor] = []
+        self.pos = torch.zeros(batch_size, max_depth, 0, dtype=torch.long, device=self.device)
+        self.lengths = torch.zeros(batch_size, max_depth, dtype=torch.long, device=self.device)
+        self.grow_events = 0
+        self._grow(capacity)
+
+    @property
+    def seen_tokens(self) -> torch.Tensor:
+        """(B,) tokens each row has run at depth 1 = the next token's position id."""
+        return self.lengths[:, 0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _grow(self, need: int) -> None:
+        """Make room for `need` slots per (row, depth), rounded up to whole chunks."""
+        if need <= self.capacity:
+            return
+        cap = -(-need // self.chunk) * self.chunk
+        shape = (self.batch_size, self.num_kv_heads, self.max_depth, cap, self.head_dim)
+        old = self.capacity
+        for store in (self.k, self.v):
+            for layer in range(self.num_layers):
+                buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if old:
+                    buf[:, :, :, :old] = store[layer]
+                if layer < len(store):
+                    store[layer] = buf
+                else:
+                    store.append(buf)
+        pos = torch.zeros(self.batch_size, self.max_depth, cap, dtype=torch.long, device=self.device)
+        pos[:, :, :old] = self.pos
+        self.pos, self.capacity = pos, cap
+        self.grow_events += old > 0
+
+    def begin_depth(self, depth: int, rows: torch.Tensor | None, q_pos: torch.Tensor,
+                    q_valid: torch.Tensor, backend: str, counts: Counter) -> "_CacheView":
+        """Reserve slots for the valid queries of `rows` at `depth`; return the view for its layers."""
+        if not 1 <= depth <= self.max_depth:
+            raise ValueError(f"depth {depth} outside 1..{self.max_depth} of this cache")
+        row_ids = rows if rows is not None else torch.arange(self.batch_size, device=self.device)
+        start = self.lengths[row_ids, depth - 1]  # (B_d,)
+        n_new = q_valid.sum(1)  # (B_d,)
+        self._grow(int((start + n_new).max()) if len(row_ids) else 0)
+        bi, qi = q_valid.nonzero(as_tuple=True)  # valid query slots, row-major
+        slots = start[bi] + (q_valid.long().cumsum(1) - 1)[bi, qi]
+        self.pos[row_ids[bi], depth - 1, slots] = q_pos[bi, qi]
+        self.lengths[row_ids, depth - 1] = start + n_new
+
+        lo, hi = visible_depths(depth, self.depth_attention)
+        n_vis = hi - lo + 1
+        ar = torch.arange(self.capacity, device=self.device)
+        k_valid = (ar[None, None, :] < self.lengths[:, lo - 1:hi, None]).reshape(self.batch_size, -1)
+        k_pos = self.pos[:, lo - 1:hi].reshape(self.batch_size, n_vis * self.capacity)
+        if rows is not None:
+            k_valid, k_pos = k_valid.index_select(0, rows), k_pos.index_select(0, rows)
+        # A single new token per row sees every cached key that exists: no positional mask needed.
+        spec = DuoCausalSpec(q_pos=_query_pos(q_pos, q_valid), k_pos=k_pos, k_valid=k_valid,
+                             backend=backend, all_keys_precede=q_pos.shape[1] == 1, counts=counts)
+        return _CacheView(self, depth, rows, row_ids[bi], bi, qi, slots, spec, (lo, hi))
+
+
+class _CacheView(_DepthView):
+    def __init__(self, cache: TaHCache, depth: int, rows, write_rows, bi, qi, slots,
+                 spec: DuoCausalSpec, visible: tuple[int, int]) -> None:
+        self.cache, self.depth, self.rows, self.spec, self.visible = cache, depth, rows, spec, visible
+        self.write_rows, self.bi, self.qi, self.slots = write_rows, bi, qi, slots
+
+    def update(self, key_states, value_states, layer_idx, *args):
+        c, d = self.cache, self.depth
+        kb, vb = c.k[layer_idx], c.v[layer_idx]
+        # (N, Hkv, D) scattered into each valid query's slot of this depth.
+        kb[self.write_rows, :, d - 1, self.slots] = key_states[self.bi, :, self.qi].to(kb.dtype)
+        vb[self.write_rows, :, d - 1, self.slots] = value_states[self.bi, :, self.qi].to(vb.dtype)
+        lo, hi = self.visible
+        shape = (c.batch_size, c.num_kv_heads, (hi - lo + 1) * c.capacity, c.head_dim)
+        k, v = kb[:, :, lo - 1:hi].reshape(shape), vb[:, :, lo - 1:hi].reshape(shape)  # views
+        if self.rows is not None:
+            k, v = k.index_select(0, self.rows), v.index_select(0, self.rows)
+        return k, v

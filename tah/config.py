@@ -1,0 +1,219 @@
+"""Typed configuration for TaH, loaded from YAML recipes with dotted command-line overrides.
+
+Every config is a dataclass with defaults and is validated on construction. Recipes are YAML files
+whose keys mirror the dataclass fields; `load_config` merges `key.sub=value` overrides on top:
+
+    python -c "from tah.config import TaHConfig, load_config; \
+               print(load_config(TaHConfig, None, ['max_depth=3', 'lora.r=8']))"
+
+Pass plain dicts (`to_dict`) across process boundaries and rebuild the dataclass on the other side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+ATTN_BACKENDS = ("auto", "reference", "sdpa", "flex")
+DEPTH_ATTENTION = ("duo_causal", "current", "first")
+
+
+@dataclass
+class LoraSettings:
+    """The depth-LoRA adapter: active only at depths >= 2 (peft's standard init, B = 0)."""
+
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.1
+    """Dropout on the LoRA input path (training only)."""
+    target_modules: list[str] | str = "all-linear"
+    """peft target modules; 'all-linear' = q, k, v, o, gate, up, down of every decoder layer."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DeciderSettings:
+    """The iteration decider MLP: hidden states of chosen layers + top-k logits -> continue prob."""
+
+    layers: list[int] | None = None
+    """HF `hidden_states` indices (0 = embeddings, i = after layer i, L = after final norm).
+    None picks four spread over the depth, like the authors' [2, 10, 18, 26] for 28 layers."""
+    width: int = 512
+    """Width of the residual MLP (512 for 1.7B, 256 for 0.6B in the paper)."""
+    blocks: int = 6
+    """Number of pre-LayerNorm residual blocks."""
+    mlp_ratio: int = 4
+    """Inner width of each block = mlp_ratio * width."""
+    dropout: float = 0.1
+    """Dropout inside the residual blocks."""
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.blocks < 0 or self.mlp_ratio < 1:
+            raise ValueError(f"bad decider sizes: {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"decider.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TaHConfig:
+    """What turns an HF causal LM into a TaH model (saved beside the checkpoint as tah_config.json)."""
+
+    max_depth: int = 2
+    """Maximum number of iterations per token (1 = Standard, the plain backbone)."""
+    soft_input_topk: int = 100
+    """Depth d >= 2 input = softmax over this many top cumulative logits, weighting embedding rows."""
+    threshold: float = 0.9
+    """A token continues to the next depth iff the decider's probability > threshold."""
+    attn_backend: str = "auto"
+    """Duo-causal attention backend: auto | reference | sdpa | flex (see tah/attention.py)."""
+    depth_attention: str = "duo_causal"
+    """Which depths a query sees: duo_causal (all <= its own), current (AlwaysThink), first."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    decider: DeciderSettings = field(default_factory=DeciderSettings)
+
+    def __post_init__(self) -> None:
+        if self.max_depth < 1:
+            raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")
+        if self.soft_input_topk < 1:
+            raise ValueError(f"soft_input_topk must be >= 1, got {self.soft_input_topk}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if self.depth_attention not in DEPTH_ATTENTION:
+            raise ValueError(
+                f"depth_attention must be one of {DEPTH_ATTENTION}, got {self.depth_attention!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> "TaHConfig":
+        return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict/YAML machinery, shared by every config in the project.
+# ---------------------------------------------------------------------------------------------
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A plain (JSON/YAML-safe) dict of a config dataclass, nested dataclasses included."""
+    return dataclasses.asdict(obj)
+
+
+def _check_type(tp: Any, value: Any, where: str) -> Any:
+    """Coerce/validate `value` against the annotation `tp`; raise a ValueError naming the key."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=where + ".")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(arm, value, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{where}: {value!r} matches none of {tp}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_check_type(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[prefix + u for u in unknown]}; known: {sorted(names)}")
+    kwargs = {k: _check_type(hints[k], v, prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=3' -> (['a', 'b'], 3); the value is parsed as YAML so numbers, lists, null work."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each dotted override set (intermediate mappings created)."""
+    out = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {part!r} is not a mapping")
+        node[path[-1]] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """Load a YAML recipe into `cls` (defaults where absent) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a recipe must be a YAML mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    return from_dict(cls, apply_overrides(data, overrides or []))

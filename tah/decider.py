@@ -1,0 +1,64 @@
+"""The iteration decider: a small MLP that says whether a token should run one more depth.
+
+Input, per token after depth d: the hidden states of a few backbone layers from that depth's pass
+(concatenated) plus the raw top-k cumulative logits (sorted, no softmax) projected to the hidden
+size. Then Linear(-> width), Linear(width -> width), `blocks` pre-LayerNorm residual MLP blocks
+(width -> mlp_ratio*width -> width, GELU, dropout), LayerNorm, Linear(width -> 1). The output is a
+logit; the token continues iff sigmoid(logit) > threshold. With the paper's sizes this is ~18.3 M
+parameters for Qwen3-1.7B and ~4.9 M for Qwen3-0.6B (width 256, five layers).
+
+    python -c "from tah.decider import IterationDecider; from tah.config import DeciderSettings; \
+               print(IterationDecider(64, 4, 100, DeciderSettings(width=32, blocks=2)))"
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import DeciderSettings
+
+
+def default_decider_layers(num_layers: int) -> list[int]:
+    """Four HF hidden-state indices spread over the depth ([2, 10, 18, 26] for 28 layers)."""
+    picks = [round(f * num_layers) for f in (0.07, 0.36, 0.64, 0.93)]
+    return sorted(set(min(max(p, 0), num_layers) for p in picks))
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, ratio * width)
+        self.fc2 = nn.Linear(ratio * width, width)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.fc2(self.drop(self.act(self.fc1(self.norm(x))))))
+
+
+class IterationDecider(nn.Module):
+    """Continuation logit from (selected hidden states, top-k cumulative logits)."""
+
+    def __init__(self, hidden_size: int, num_inputs: int, topk: int, settings: DeciderSettings) -> None:
+        super().__init__()
+        self.hidden_size, self.num_inputs, self.topk = hidden_size, num_inputs, topk
+        w = settings.width
+        self.logit_proj = nn.Linear(topk, hidden_size)
+        self.inp = nn.Linear((num_inputs + 1) * hidden_size, w)
+        self.mid = nn.Linear(w, w)
+        self.blocks = nn.ModuleList(_Block(w, settings.mlp_ratio, settings.dropout) for _ in range(settings.blocks))
+        self.norm = nn.LayerNorm(w)
+        self.head = nn.Linear(w, 1)
+
+    def forward(self, hidden_states: list[torch.Tensor], topk_logits: torch.Tensor) -> torch.Tensor:
+        """hidden_states: num_inputs tensors (..., H); topk_logits (..., topk) -> logits (...)."""
+        if len(hidden_states) != self.num_inputs:
+            raise ValueError(f"decider expects {self.num_inputs} hidden states, got {len(hidden_states)}")
+        dtype = self.inp.weight.dtype
+        feats = [h.to(dtype) for h in hidden_states] + [self.logit_proj(topk_logits.to(dtype))]
+        x = self.mid(self.inp(torch.cat(feats, dim=-1)))  # (..., width)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)).squeeze(-1)  # (...)

@@ -1,0 +1,418 @@
+"""TaHForCausalLM: Think-at-Hard over any HF decoder-only causal LM with the Llama/Qwen layout.
+
+Depth 1 is the plain backbone. A token that runs depth d >= 2 takes as input the softmax of the top-k
+of its cumulative logits weighting those rows of the input embedding matrix (replacing the token
+embedding), keeps its position id, runs the backbone with the depth-LoRA switched on, and adds the
+depth's logits to the ones before (residual on logits). Depth d runs only for the tokens that run it,
+packed to the left of each row, attending under the duo-causal rule (tah/attention.py) to the
+per-depth K/V (tah/cache.py). Only what differs from the HF model is written here: the backbone's
+own modules (embedding, rotary, layers, norm, lm_head) run unchanged.
+
+    python -m tah.demo            # builds a tiny model, mixed depths, generation
+    from tah import TaHConfig, TaHForCausalLM
+    model = TaHForCausalLM.from_backbone(hf_model, TaHConfig(max_depth=2))
+    out = model(input_ids, attention_mask=mask, depths=oracle_depths, labels=input_ids)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .attention import ATTN_IMPLEMENTATION
+from .cache import PackedKV, TaHCache
+from .config import TaHConfig
+from .decider import IterationDecider, default_decider_layers
+
+TAH_CONFIG_NAME = "tah_config.json"
+DECIDER_NAME = "decider.safetensors"
+LORA_DIR = "lora"
+STAGES = ("all", "stage1", "stage2", "standard", "frozen")
+
+
+@dataclass
+class TaHOutput:
+    """What a TaH forward returns (HF-style attribute access)."""
+
+    logits: torch.Tensor
+    """(B, T, V) final logits: sum of the logits of every depth the token ran (pads unspecified)."""
+    depths: torch.Tensor
+    """(B, T) long: the depth each token ran (0 for padding)."""
+    decider_logits: torch.Tensor | None = None
+    """(B, T, max_depth - 1): decider logit after depth d at [..., d - 1], where depths >= d."""
+    loss: torch.Tensor | None = None
+    """Next-token cross-entropy of the final logits, averaged once over the target tokens."""
+
+
+class _Layout:
+    """Tokens running one depth: a sorted list of flat indices into (B*T) and their packed slots."""
+
+    def __init__(self, flat: torch.Tensor, batch: int, seqlen: int) -> None:
+        self.flat, self.B, self.T = flat, batch, seqlen  # (N,)
+        self.identity = flat.numel() == batch * seqlen  # every token of every row: packing is a view
+        row = flat // seqlen
+        present = torch.unique(row)  # sorted row ids that have at least one token at this depth
+        self.rows = None if present.numel() == batch else present
+        row_in = row if self.rows is None else torch.searchsorted(present, row)
+        counts = torch.bincount(row_in, minlength=present.numel())  # (B_d,)
+        starts = counts.cumsum(0) - counts
+        self.bi, self.qi = row_in, torch.arange(flat.numel(), device=flat.device) - starts[row_in]
+        self.Bd, self.Td = present.numel(), int(counts.max()) if flat.numel() else 0
+        self.q_valid = torch.arange(self.Td, device=flat.device)[None, :] < counts[:, None]  # (B_d, T_d)
+
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        """(N, ...) in list order -> (B_d, T_d, ...) with zeros in padding slots."""
+        if self.identity:
+            return values.reshape(self.B, self.T, *values.shape[1:])
+        out = values.new_zeros((self.Bd, self.Td, *values.shape[1:]))
+        return out.index_put((self.bi, self.qi), values)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """(B_d, T_d, ...) -> (N, ...) in list order."""
+        if self.identity:
+            return packed.reshape(self.B * self.T, *packed.shape[2:])
+        return packed[self.bi, self.qi]
+
+
+def soft_embedding(topk_values: torch.Tensor, topk_indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N, k) top cumulative logits and their token ids -> (N, H) softmax-weighted embedding rows.
+
+    embedding_bag avoids materialising the (N, k, H) gather; gradients reach both the logits and
+    the embedding matrix (the authors use no stop-gradient either).
+    """
+    probs = torch.softmax(topk_values.float(), dim=-1).to(weight.dtype)
+    return F.embedding_bag(topk_indices, weight, per_sample_weights=probs, mode="sum")
+
+
+def _check_backbone(backbone: nn.Module) -> None:
+    inner = getattr(backbone, "model", None)
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if inner is None or not hasattr(inner, name):
+            raise TypeError(
+                f"TaH wraps HF decoder-only LMs with the Llama/Qwen layout (model.embed_tokens, model.layers, "
+                f"model.norm, model.rotary_emb, lm_head); {type(backbone).__name__} has no model.{name}"
+            )
+    types = set(getattr(backbone.config, "layer_types", None) or ["full_attention"])
+    if types != {"full_attention"}:
+        raise NotImplementedError(f"sliding-window layers are not supported by TaH yet (layer_types={types})")
+
+
+class TaHForCausalLM(nn.Module):
+    """A looped HF causal LM that runs a second (or d-th) depth only for hard tokens."""
+
+    def __init__(self, backbone: PreTrainedModel, config: TaHConfig, lora_path: str | Path | None = None) -> None:
+        super().__init__()
+        _check_backbone(backbone)
+        self.config = config
+        backbone.config._attn_implementation = ATTN_IMPLEMENTATION
+        num_layers = backbone.config.num_hidden_layers
+        self._peft: PeftModel | None = None
+        if config.max_depth >= 2:
+            if lora_path is not None:
+                self._peft = PeftModel.from_pretrained(backbone, str(lora_path), is_trainable=True)
+            else:
+                lc = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                                target_modules=config.lora.target_modules, bias="none", task_type="CAUSAL_LM")
+                self._peft = get_peft_model(backbone, lc)  # standard init: B = 0
+        self.backbone = backbone
+        # Flip the flag on a cached list: walking all modules per switch costs milliseconds per step.
+        self._lora_layers = [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
+        self.decider_layers = list(config.decider.layers or default_decider_layers(num_layers))
+        if any(not 0 <= i <= num_layers for i in self.decider_layers):
+            raise ValueError(f"decider.layers {self.decider_layers} outside 0..{num_layers}")
+        vocab = backbone.get_input_embeddings().weight.shape[0]
+        self.topk = min(config.soft_input_topk, vocab)
+        self.decider: IterationDecider | None = None
+        if config.max_depth >= 2:
+            w = backbone.get_input_embeddings().weight
+            self.decider = IterationDecider(backbone.config.hidden_size, len(self.decider_layers), self.topk,
+                                            config.decider).to(device=w.device, dtype=w.dtype)
+        self.threshold = config.threshold
+        self.attention_paths: Counter = Counter()
+        self.set_trainable("all")
+
+    # ------------------------------------------------------------------ construction / switches
+    @classmethod
+    def from_backbone(cls, backbone: PreTrainedModel, config: TaHConfig | None = None) -> "TaHForCausalLM":
+        """Wrap a loaded HF causal LM (it is modified in place: LoRA layers injected)."""
+        return cls(backbone, config or TaHConfig())
+
+    @property
+    def num_layers(self) -> int:
+        return self.backbone.config.num_hidden_layers
+
+    def _set_lora(self, active: bool) -> None:
+        for m in self._lora_layers:
+            m._disable_adapters = not active
+
+    def components(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by component: backbone (incl. embeddings, lm_head), lora, decider."""
+        out: dict[str, list[nn.Parameter]] = {"backbone": [], "lora": [], "decider": []}
+        for name, p in self.backbone.named_parameters():
+            out["lora" if "lora_" in name else "backbone"].append(p)
+        if self.decider is not None:
+            out["decider"] = list(self.decider.parameters())
+        return out
+
+    def set_trainable(self, stage: str) -> None:
+        """Which parameters get gradients.
+
+        all: everything; stage1: backbone + LoRA (peft freezes the backbone by default -- undone here),
+        decider frozen; stage2: decider only; standard: backbone only; frozen: nothing.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        on = {"all": {"backbone", "lora", "decider"}, "stage1": {"backbone", "lora"}, "stage2": {"decider"},
+              "standard": {"backbone"}, "frozen": set()}[stage]
+        for comp, params in self.components().items():
+            for p in params:
+                p.requires_grad_(comp in on)
+
+    def parameter_report(self) -> dict[str, dict[str, int]]:
+        """{component: {"total": n, "trainable": n}} for backbone, lora, decider and all."""
+        rep = {c: {"total": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
+               for c, ps in self.components().items()}
+        rep["all"] = {k: sum(r[k] for r in rep.values()) for k in ("total", "trainable")}
+        return rep
+
+    def new_cache(self, batch_size: int, capacity: int = 0, chunk: int = 128) -> TaHCache:
+        """An empty per-depth KV cache sized for this model."""
+        cfg = self.backbone.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        w = self.backbone.get_input_embeddings().weight
+        return TaHCache(self.num_layers, self.config.max_depth, batch_size, cfg.num_key_value_heads, head_dim,
+                        dtype=w.dtype, device=w.device, chunk=chunk, capacity=capacity,
+                        depth_attention=self.config.depth_attention)
+
+    # ------------------------------------------------------------------ forward
+    def _run_depth(self, depth: int, x: torch.Tensor, q_pos: torch.Tensor, layout: _Layout,
+                   store: PackedKV | TaHCache, keep: set[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One pass of the backbone's layers for depth `depth`'s packed tokens. x (B_d, T_d, H)."""
+        self._set_lora(depth >= 2)
+        inner = self.backbone.model
+        view = store.begin_depth(depth, layout.rows, q_pos, layout.q_valid, self.config.attn_backend,
+                                 self.attention_paths)
+        pe = inner.rotary_emb(x, q_pos)
+        saved: dict[int, torch.Tensor] = {0: x} if 0 in keep else {}
+        h = x
+        for i, layer in enumerate(inner.layers):
+            h = layer(h, attention_mask=view.spec, position_ids=q_pos, past_key_values=view, use_cache=True,
+                      position_embeddings=pe)
+            if i + 1 in keep and i + 1 < self.num_layers:
+                saved[i + 1] = h
+        h = inner.norm(h)
+        if self.num_layers in keep:
+            saved[self.num_layers] = h
+        return h, saved
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                depths: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: TaHCache | None = None,
+                threshold: float | None = None, return_decider_logits: bool = True) -> TaHOutput:
+        """Run every token to its depth: `depths` (B, T) forced (oracle), or chosen by the decider.
+
+        input_ids (B, T); attention_mask (B, T) 1 = real token (left or right padding). Position ids
+        default to HF generate's convention (count of real tokens before, continuing the cache).
+        With `past_key_values` the tokens are appended to the cache (chunked prefill / decode).
+        """
+        B, T = input_ids.shape
+        dev = input_ids.device
+        valid = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        D = self.config.max_depth
+        if depths is not None:
+            if depths.shape != (B, T):
+                raise ValueError(f"depths must have shape {(B, T)}, got {tuple(depths.shape)}")
+            bad = valid & ((depths < 1) | (depths > D))
+            if bool(bad.any()):
+                raise ValueError(f"depths of real tokens must be in 1..{D}; got {depths[bad].unique().tolist()}")
+        if position_ids is None:
+            base = past_key_values.seen_tokens[:, None] if past_key_values is not None else 0
+            position_ids = (base + valid.long().cumsum(1) - 1).clamp_min(0)
+        position_ids = position_ids.expand(B, T)
+        thr = self.threshold if threshold is None else threshold
+        store = past_key_values if past_key_values is not None else PackedKV(self.num_layers, B,
+                                                                               self.config.depth_attention)
+        need_decider = self.decider is not None and (depths is None or return_decider_logits)
+        keep = set(self.decider_layers) if need_decider else set()
+        emb = self.backbone.get_input_embeddings()
+        flat_ids, flat_pos = input_ids.reshape(-1), position_ids.reshape(-1)
+
+        flat = valid.reshape(-1).nonzero().squeeze(1)  # tokens running depth 1
+        layouts: list[_Layout] = []
+        cum_lists: list[torch.Tensor] = []  # per depth: (N_d, V) cumulative logits, list order
+        dec_parts: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        topk: tuple[torch.Tensor, torch.Tensor] | None = None
+        for d in range(1, D + 1):
+            if flat.numel() == 0:
+                break
+            lay = _Layout(flat, B, T)
+            q_pos = lay.pack(flat_pos[flat])
+            if d == 1:
+                x = emb(lay.pack(flat_ids[flat]))  # (B_d, T_d, H)
+                prev_cum = None
+            else:
+                # Continuing tokens are a subset of the previous depth's, located through its index map.
+                where = prev_index[flat]
+                x = lay.pack(soft_embedding(topk[0][where], topk[1][where], emb.weight))
+                prev_cum = cum_lists[-1][where]
+            h, saved = self._run_depth(d, x, q_pos, lay, store, keep)
+            logits = lay.unpack(self.backbone.lm_head(h))  # (N_d, V)
+            cum = logits if prev_cum is None else prev_cum + logits
+            layouts.append(lay)
+            cum_lists.append(cum)
+            if d == D:
+                break
+            topk = cum.topk(self.topk, dim=-1)  # sorted values, (N_d, k)
+            if need_decider:
+                dec = self.decider([lay.unpack(saved[i]) for i in self.decider_layers], topk.values)  # (N_d,)
+                dec_parts.append((flat, d, dec))
+            if depths is not None:
+                cont = depths.reshape(-1)[flat] > d
+            else:
+                cont = torch.sigmoid(dec.float()) > thr
+            prev_index = torch.full((B * T,), -1, dtype=torch.long, device=dev)
+            prev_index[flat] = torch.arange(flat.numel(), device=dev)
+            flat = flat[cont]
+
+        # Assemble: every token's final logits are its deepest cumulative logits.
+        V = cum_lists[0].shape[-1] if cum_lists else self.backbone.config.vocab_size
+        run_depth = torch.zeros(B * T, dtype=torch.long, device=dev)
+        if layouts and layouts[0].identity:
+            final = cum_lists[0]
+        else:
+            final = torch.zeros(B * T, V, dtype=emb.weight.dtype, device=dev)
+            if layouts:
+                final = final.index_copy(0, layouts[0].flat, cum_lists[0])
+        for d, (lay, cum) in enumerate(zip(layouts, cum_lists), start=1):
+            run_depth[lay.flat] = d
+            if d > 1:
+                final = final.index_copy(0, lay.flat, cum)
+        decider_logits = None
+        if need_decider and D > 1:
+            decider_logits = torch.zeros(B * T, D - 1, dtype=torch.float32, device=dev)
+            for f, d, dec in dec_parts:
+                decider_logits = decider_logits.index_put((f, torch.full_like(f, d - 1)), dec.float())
+            decider_logits = decider_logits.view(B, T, D - 1)
+        logits = final.view(B, T, V)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels.masked_fill(~valid, -100))
+        self._set_lora(False)
+        return TaHOutput(logits=logits, depths=run_depth.view(B, T), decider_logits=decider_logits, loss=loss)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """Reference generation (exact, not fast): see tah.generate.generate for the arguments."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, save_directory: str | Path, tokenizer: Any = None) -> None:
+        """Write an HF-loadable backbone, the peft adapter, the decider and tah_config.json atomically.
+
+        The directory is written under a temporary name and renamed into place, so a crash never
+        leaves a half-written checkpoint where a complete one is expected.
+        """
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            cfg = self.backbone.config
+            cfg.save_pretrained(tmp)
+            gen = getattr(self.backbone, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            save_file(backbone_state_dict(self.backbone), tmp / "model.safetensors", metadata={"format": "pt"})
+            if self._peft is not None:
+                (tmp / LORA_DIR).mkdir()
+                self._peft.peft_config["default"].save_pretrained(tmp / LORA_DIR)
+                lora_sd = get_peft_model_state_dict(self._peft)
+                save_file({k: v.detach().contiguous().cpu() for k, v in lora_sd.items()},
+                          tmp / LORA_DIR / "adapter_model.safetensors", metadata={"format": "pt"})
+            if self.decider is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.decider.state_dict().items()},
+                          tmp / DECIDER_NAME, metadata={"format": "pt"})
+            decider = dataclasses.replace(self.config.decider, layers=self.decider_layers)
+            dataclasses.replace(self.config, decider=decider).save_json(tmp / TAH_CONFIG_NAME)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            _atomic_replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, **overrides: Any) -> "TaHForCausalLM":
+        """Load a directory written by `save_pretrained` (overrides: TaHConfig fields, e.g. threshold)."""
+        path = Path(path)
+        if not (path / TAH_CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not a TaH checkpoint (no {TAH_CONFIG_NAME})")
+        config = TaHConfig.load_json(path / TAH_CONFIG_NAME)
+        for k, v in overrides.items():
+            if not hasattr(config, k):
+                raise ValueError(f"unknown TaHConfig field {k!r}")
+            setattr(config, k, v)
+        config.__post_init__()
+        backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        if device is not None:
+            backbone = backbone.to(device)
+        lora = path / LORA_DIR if config.max_depth >= 2 and (path / LORA_DIR).is_dir() else None
+        if config.max_depth >= 2 and lora is None:
+            raise FileNotFoundError(f"{path}: max_depth={config.max_depth} but no {LORA_DIR}/ adapter saved")
+        model = cls(backbone, config, lora_path=lora)
+        if model.decider is not None:
+            if not (path / DECIDER_NAME).is_file():
+                raise FileNotFoundError(f"{path}: no {DECIDER_NAME}")
+            model.decider.load_state_dict(load_file(path / DECIDER_NAME, device=str(model.decider.head.weight.device)))
+        return model
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token CE: logits (B, T, V) at t predict labels at t + 1; -100 is ignored.
+
+    Normalised once by the number of target tokens (the authors' code divided twice).
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    n = (shift_labels != -100).sum().clamp_min(1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / n
+
+
+def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's weights under plain HF names: peft's LoRA tensors dropped, base_layer unwrapped."""
+    sd = {}
+    for k, v in backbone.state_dict().items():
+        if ".lora_" in k:
+            continue
+        sd[k.replace(".base_layer.", ".")] = v.detach().contiguous().cpu()
+    if getattr(backbone.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # tied to embed_tokens; HF re-ties on load
+    return sd
+
+
+def _atomic_replace(tmp: Path, target: Path) -> None:
+    """Move a finished directory into place; an existing one is swapped out, then deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,52 @@
+"""Layer pruning: TaH (one decoder layer removed to pay for LoRA + decider) vs TaH+ (unpruned).
+
+`prune_layer` returns a backbone with one decoder layer removed and its config updated (layer count,
+per-layer types, attention layer indices renumbered for the KV cache). `perplexity` is what the
+training job uses to score each candidate layer (the smallest increase is pruned).
+
+    python -c "from tah.testing import tiny_qwen3; from tah.prune import prune_layer; \
+               print(prune_layer(tiny_qwen3(), 1).config.num_hidden_layers)"
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+
+def prune_layer(backbone: PreTrainedModel, index: int, inplace: bool = False) -> PreTrainedModel:
+    """Remove decoder layer `index` (0-based). Prune the plain HF model, before wrapping it in TaH."""
+    layers = backbone.model.layers
+    n = len(layers)
+    if n < 2:
+        raise ValueError("cannot prune the only decoder layer")
+    if not -n <= index < n:
+        raise IndexError(f"layer index {index} out of range for {n} layers")
+    index %= n
+    if not inplace:
+        backbone = copy.deepcopy(backbone)
+        layers = backbone.model.layers
+    del layers[index]
+    for i, layer in enumerate(layers):
+        # The KV cache is indexed by layer_idx; keep it dense after the removal.
+        for mod in layer.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = i
+    cfg = backbone.config
+    cfg.num_hidden_layers = n - 1
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i != index]
+    return backbone
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> float:
+    """Token-level perplexity of an HF causal LM on a batch (pads excluded)."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    target = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+    return float(torch.exp(nll))
