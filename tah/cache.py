@@ -68,7 +68,8 @@ class PackedKV:
         return full.index_copy(0, rows, x)
 
     def begin_depth(self, depth: int, rows: torch.Tensor | None, q_pos: torch.Tensor,
-                    q_valid: torch.Tensor, backend: str, counts: Counter) -> "_PackedView":
+                    q_valid: torch.Tensor, backend: str, counts: Counter,
+                    single_step: bool = False) -> "_PackedView":
         """Register depth `depth`'s queries (rows' packed slots) and return the view for its layers."""
         self.pos[depth] = self._full(q_pos, rows)
         self.valid[depth] = self._full(q_valid, rows, False)
@@ -146,8 +147,12 @@ class TaHCache:
         self.grow_events += old > 0
 
     def begin_depth(self, depth: int, rows: torch.Tensor | None, q_pos: torch.Tensor,
-                    q_valid: torch.Tensor, backend: str, counts: Counter) -> "_CacheView":
-        """Reserve slots for the valid queries of `rows` at `depth`; return the view for its layers."""
+                    q_valid: torch.Tensor, backend: str, counts: Counter,
+                    single_step: bool = False) -> "_CacheView":
+        """Reserve slots for the valid queries of `rows` at `depth`; return the view for its layers.
+
+        single_step: the call feeds at most one token per row, so every cached key precedes it.
+        """
         if not 1 <= depth <= self.max_depth:
             raise ValueError(f"depth {depth} outside 1..{self.max_depth} of this cache")
         row_ids = rows if rows is not None else torch.arange(self.batch_size, device=self.device)
@@ -167,8 +172,9 @@ class TaHCache:
         if rows is not None:
             k_valid, k_pos = k_valid.index_select(0, rows), k_pos.index_select(0, rows)
         # A single new token per row sees every cached key that exists: no positional mask needed.
+        # (Not true of one depth-2 query inside a chunk: that chunk's later depth-1 keys exist too.)
         spec = DuoCausalSpec(q_pos=_query_pos(q_pos, q_valid), k_pos=k_pos, k_valid=k_valid,
-                             backend=backend, all_keys_precede=q_pos.shape[1] == 1, counts=counts)
+                             backend=backend, all_keys_precede=single_step, counts=counts)
         return _CacheView(self, depth, rows, row_ids[bi], bi, qi, slots, spec, (lo, hi))
 
 

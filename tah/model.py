@@ -205,7 +205,7 @@ class TaHForCausalLM(nn.Module):
         self._set_lora(depth >= 2)
         inner = self.backbone.model
         view = store.begin_depth(depth, layout.rows, q_pos, layout.q_valid, self.config.attn_backend,
-                                 self.attention_paths)
+                                 self.attention_paths, single_step=layout.T == 1)
         pe = inner.rotary_emb(x, q_pos)
         saved: dict[int, torch.Tensor] = {0: x} if 0 in keep else {}
         h = x

@@ -1,0 +1,182 @@
+"""TaH model core against independent references: HF logits, step-by-step decoding, a brute-force grid."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tah import TaHConfig, TaHForCausalLM
+from tah.model import soft_embedding
+from tah.testing import randomize_lora, random_depths, tiny_llama, tiny_qwen3
+
+from .bruteforce import bruteforce_logits
+
+BUILDERS = {"qwen3": tiny_qwen3, "llama": tiny_llama}
+
+
+def make(arch: str = "qwen3", lora: bool = True, **cfg) -> tuple[TaHForCausalLM, torch.nn.Module]:
+    hf = BUILDERS[arch]()
+    ref = copy.deepcopy(hf)
+    cfg.setdefault("lora", {"r": 4, "alpha": 8, "dropout": 0.0})
+    cfg.setdefault("decider", {"width": 32, "blocks": 2, "dropout": 0.0})
+    from tah.config import from_dict
+
+    model = TaHForCausalLM.from_backbone(hf, from_dict(TaHConfig, cfg)).eval()
+    if lora:
+        randomize_lora(model, scale=0.2)
+    return model, ref
+
+
+def batch(B: int = 3, T: int = 14, vocab: int = 300, padding: str = "left", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(1, B):  # row 0 full, others padded by a different amount
+        n = 2 * b + 1
+        if padding == "left":
+            mask[b, :n] = 0
+        else:
+            mask[b, T - n:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_depth1_equals_hf(arch, padding):
+    model, ref = make(arch, max_depth=2)
+    ids, mask = batch(padding=padding)
+    out = model(ids, attention_mask=mask, depths=torch.ones_like(ids))
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    hf = ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    valid = mask.bool()
+    assert (out.logits - hf)[valid].abs().max() <= 1e-5
+    assert (out.depths[valid] == 1).all() and (out.depths[~valid] == 0).all()
+    # Each row alone, unpadded, through plain HF: padding changes nothing.
+    for b in range(ids.shape[0]):
+        row = ids[b][valid[b]][None]
+        alone = ref(input_ids=row).logits[0]
+        assert (out.logits[b][valid[b]] - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("max_depth,depth_attention", [(2, "duo_causal"), (3, "duo_causal"), (2, "current"),
+                                                       (2, "first")])
+def test_parallel_forward_equals_bruteforce_grid(arch, max_depth, depth_attention):
+    model, _ = make(arch, max_depth=max_depth, depth_attention=depth_attention, soft_input_topk=50)
+    ids, mask = batch(B=2, T=11, padding="left")
+    depths = random_depths(2, 11, max_depth, hard_fraction=0.5, seed=1)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, depths=depths)
+    for b in range(2):
+        v = mask[b].bool()
+        ref = bruteforce_logits(model, ids[b][v], depths[b][v], depth_attention)
+        assert (out.logits[b][v] - ref).abs().max() <= 1e-4
+        assert torch.equal(out.depths[b][v], depths[b][v])
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("max_depth", [2, 3])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_parallel_forward_equals_stepwise_decoding(arch, max_depth, padding):
+    model, _ = make(arch, max_depth=max_depth)
+    ids, mask = batch(B=3, T=13, padding=padding, seed=2)
+    depths = random_depths(3, 13, max_depth, hard_fraction=0.4, seed=3)
+    with torch.no_grad():
+        par = model(ids, attention_mask=mask, depths=depths).logits
+        cache = model.new_cache(3, chunk=4)  # tiny chunks: the cache grows several times
+        steps = [model(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], depths=depths[:, t:t + 1],
+                       past_key_values=cache).logits[:, 0] for t in range(13)]
+    seq = torch.stack(steps, 1)
+    v = mask.bool()
+    assert (par - seq)[v].abs().max() <= 1e-4
+    assert cache.grow_events >= 2
+    assert torch.equal(cache.lengths[:, 0], mask.sum(1))
+    for d in range(2, max_depth + 1):
+        assert torch.equal(cache.lengths[:, d - 1], ((depths >= d) & v).sum(1))
+
+
+def test_chunked_prefill_equals_parallel():
+    model, _ = make(max_depth=3)
+    ids, mask = batch(B=2, T=16, padding="left", seed=4)
+    depths = random_depths(2, 16, 3, hard_fraction=0.4, seed=5)
+    with torch.no_grad():
+        par = model(ids, attention_mask=mask, depths=depths).logits
+        cache = model.new_cache(2, chunk=8)
+        parts = [model(ids[:, a:b], attention_mask=mask[:, a:b], depths=depths[:, a:b], past_key_values=cache).logits
+                 for a, b in [(0, 7), (7, 12), (12, 16)]]
+    assert (par - torch.cat(parts, 1))[mask.bool()].abs().max() <= 1e-4
+
+
+def test_lora_only_changes_deeper_depths():
+    model, _ = make(max_depth=2, lora=False)
+    ids, mask = batch(B=2, T=10)
+    depths = torch.ones_like(ids)
+    depths[:, 5:] = 2
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask, depths=depths).logits
+        randomize_lora(model, scale=0.3, seed=7)
+        after = model(ids, attention_mask=mask, depths=depths).logits
+    shallow, deep = (depths == 1) & mask.bool(), (depths == 2) & mask.bool()
+    assert (before - after)[shallow].abs().max() == 0  # positions < 5 see no depth-2 keys
+    assert (before - after)[deep].abs().amax(-1).min() > 1e-4
+
+
+def test_fresh_lora_is_identity():
+    """peft init (B = 0): depth-2 of a fresh model is the backbone applied to the soft embedding."""
+    model, _ = make(max_depth=2, lora=False)
+    assert all(float(p.abs().max()) == 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_soft_embedding_matches_naive_with_grads():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    logits = torch.randn(6, 50, generator=g, requires_grad=True)
+    vals, idx = logits.topk(7)
+    a = soft_embedding(vals, idx, w)
+    b = (torch.softmax(vals, -1)[..., None] * w[idx]).sum(1)
+    assert torch.allclose(a, b, atol=1e-6)
+    ga = torch.autograd.grad(a.square().sum(), (w, logits), retain_graph=True)
+    gb = torch.autograd.grad(b.square().sum(), (w, logits))
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_decider_drives_depths_consistently():
+    model, _ = make(max_depth=3)
+    ids, mask = batch(B=2, T=12)
+    with torch.no_grad():
+        probs = torch.sigmoid(model(ids, attention_mask=mask, depths=torch.full_like(ids, 3)).decider_logits)
+        thr = float(probs[..., 0][mask.bool()].median())
+        free = model(ids, attention_mask=mask, threshold=thr)
+        forced = model(ids, attention_mask=mask, depths=free.depths.clamp_min(1))
+    v = mask.bool()
+    assert (free.depths[v] >= 2).any() and (free.depths[v] == 1).any()
+    # Tokens that continued past depth 1 are exactly those whose depth-1 decider prob > threshold.
+    assert torch.equal((free.depths >= 2)[v], (probs[..., 0] > thr)[v])
+    assert (free.logits - forced.logits)[v].abs().max() <= 1e-5
+    assert torch.equal(model(ids, attention_mask=mask, threshold=1.0).depths[v], torch.ones_like(ids)[v])
+    assert (model(ids, attention_mask=mask, threshold=0.0).depths[v] == 3).all()
+
+
+def test_bad_depths_raise():
+    model, _ = make(max_depth=2)
+    ids, mask = batch(B=1, T=5)
+    with pytest.raises(ValueError, match="1..2"):
+        model(ids, attention_mask=mask, depths=torch.full_like(ids, 3))
+    with pytest.raises(ValueError, match="shape"):
+        model(ids, depths=torch.ones(1, 4, dtype=torch.long))
+
+
+def test_loss_is_normalised_once_over_targets():
+    model, _ = make(max_depth=2)
+    ids, mask = batch(B=2, T=9, padding="right")
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = model(ids, attention_mask=mask, depths=random_depths(2, 9, 2, seed=2), labels=labels)
+    lab = labels.masked_fill(mask == 0, -100)[:, 1:]
+    logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+    keep = lab != -100
+    manual = -logp[keep].gather(1, lab[keep][:, None]).mean()
+    assert torch.allclose(out.loss, manual, atol=1e-6)
