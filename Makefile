@@ -1,0 +1,33 @@
+# The two commands a newcomer needs:  `make run`  and  `make test`  (each creates .venv if missing).
+# GPU machines: install your CUDA build of torch into .venv first, then `make install TORCH=`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP   = $(VENV)/.installed
+
+.PHONY: install run test test-slow bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(strip $(TORCH)),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m tah.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow or gpu"
+
+bench: $(STAMP)
+	$(PY) bench/attention.py
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

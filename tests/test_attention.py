@@ -1,0 +1,129 @@
+"""Fast duo-causal backends against the reference mask path: outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tah.attention import DuoCausalSpec, tah_attention
+from tah.testing import random_depths
+
+from .test_model import batch, make
+
+
+class _Mod(torch.nn.Module):
+    pass
+
+
+def _random_spec(B=2, Tq=9, Tk=23, backend="reference", seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    q_pos = torch.sort(torch.randint(0, 30, (B, Tq), generator=g), dim=1).values
+    k_pos = torch.randint(0, 30, (B, Tk), generator=g)
+    k_valid = torch.rand(B, Tk, generator=g) > 0.2
+    k_valid[:, 0], k_pos[:, 0] = True, 0  # every query sees at least one key
+    return DuoCausalSpec(q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, backend=backend, **kw)
+
+
+def _qkv(B=2, H=4, Hkv=2, Tq=9, Tk=23, D=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, t, D, generator=g, requires_grad=True) for h, t in [(H, Tq), (Hkv, Tk), (Hkv, Tk)]]
+
+
+def test_reference_matches_explicit_loop():
+    """The reference path itself against a per-(b, h, q) loop over the rule, written independently."""
+    spec = _random_spec()
+    q, k, v = _qkv()
+    out = tah_attention(_Mod(), q, k, v, spec, scaling=0.5)[0]  # (B, Tq, H, D)
+    for b in range(2):
+        for h in range(4):
+            for i in range(9):
+                keys = [j for j in range(23) if spec.k_valid[b, j] and spec.k_pos[b, j] <= spec.q_pos[b, i]]
+                s = torch.stack([q[b, h, i] @ k[b, h // 2, j] * 0.5 for j in keys])
+                expect = (torch.softmax(s, 0)[:, None] * v[b, h // 2, keys]).sum(0)
+                assert torch.allclose(out[b, i, h], expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "causal", "single_step", "segments"])
+def test_sdpa_equals_reference_outputs_and_grads(kind):
+    kw, Tq, Tk = {}, 9, 23
+    if kind == "causal":
+        Tq = Tk = 11
+    if kind == "single_step":
+        Tq = 1
+    spec_r = _random_spec(Tq=Tq, Tk=Tk)
+    if kind == "causal":  # keys are the queries themselves, packed left, valid prefix
+        pos = torch.arange(Tq).expand(2, Tq)
+        spec_r = DuoCausalSpec(q_pos=pos, k_pos=pos, k_valid=torch.ones(2, Tk, dtype=torch.bool), causal=True)
+    if kind == "single_step":
+        spec_r.all_keys_precede = True
+        spec_r.q_pos = torch.full((2, 1), 10**6)
+    if kind == "segments":
+        g = torch.Generator().manual_seed(3)
+        kw = dict(q_segment=torch.randint(0, 2, (2, Tq), generator=g), k_segment=torch.randint(0, 2, (2, Tk), generator=g))
+        spec_r.q_segment, spec_r.k_segment = kw["q_segment"], kw["k_segment"]
+    spec_s = DuoCausalSpec(**{**spec_r.__dict__, "backend": "sdpa", "counts": spec_r.counts.__class__()})
+    outs, grads = [], []
+    for spec in (spec_r, spec_s):
+        q, k, v = _qkv(Tq=Tq, Tk=Tk)
+        o = tah_attention(_Mod(), q, k, v, spec, scaling=0.3)[0]
+        outs.append(o)
+        grads.append(torch.autograd.grad((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum(), (q, k, v)))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    path = next(iter(spec_s.counts))
+    assert path == {"dense": "sdpa:dense_mask", "causal": "sdpa:is_causal", "single_step": "sdpa:key_valid",
+                    "segments": "sdpa:dense_mask"}[kind]
+
+
+@pytest.mark.parametrize("max_depth", [2, 3])
+def test_model_backends_agree_with_gradients(max_depth):
+    """Whole-model forward + backward: sdpa (and auto) equal the reference backend."""
+    ids, mask = batch(B=2, T=12, padding="left", seed=8)
+    depths = random_depths(2, 12, max_depth, hard_fraction=0.4, seed=9)
+    results = {}
+    for backend in ("reference", "sdpa", "auto"):
+        model, _ = make(max_depth=max_depth, attn_backend=backend)
+        out = model(ids, attention_mask=mask, depths=depths, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = (out.logits.detach(), grads, dict(model.attention_paths))
+    ref_logits, ref_grads, ref_paths = results["reference"]
+    assert set(ref_paths) == {"reference:dense_mask"}
+    v = mask.bool()
+    for backend in ("sdpa", "auto"):
+        logits, grads, paths = results[backend]
+        assert (logits - ref_logits)[v].abs().max() <= 1e-5
+        assert set(grads) == set(ref_grads) and len(grads) > 0
+        for n in grads:
+            assert torch.allclose(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4), n
+        assert "sdpa:dense_mask" in paths  # left padding + deeper depths take the masked path
+    assert "reference:dense_mask" not in results["auto"][2]
+
+
+def test_right_padded_depth1_takes_is_causal_path():
+    model, _ = make(max_depth=2, attn_backend="auto")
+    ids, mask = batch(B=2, T=10, padding="right")
+    model(ids, attention_mask=mask, depths=torch.ones_like(ids))
+    assert set(model.attention_paths) == {"sdpa:is_causal"}
+
+
+def test_flex_forward_equals_reference_on_cpu():
+    """FlexAttention (compiled) forward on CPU; its backward needs a GPU (see test_gpu.py)."""
+    ids, mask = batch(B=2, T=12, padding="left", seed=10)
+    depths = random_depths(2, 12, 3, hard_fraction=0.4, seed=11)
+    logits = {}
+    for backend in ("reference", "flex"):
+        model, _ = make(max_depth=3, attn_backend=backend)
+        with torch.no_grad():
+            logits[backend] = model(ids, attention_mask=mask, depths=depths).logits
+        if backend == "flex":
+            assert "flex:block_mask" in model.attention_paths
+    assert (logits["flex"] - logits["reference"])[mask.bool()].abs().max() <= 1e-5
+
+
+def test_flex_backward_on_cpu_is_a_clear_error():
+    model, _ = make(max_depth=2, attn_backend="flex")
+    ids, mask = batch(B=1, T=6)
+    with pytest.raises(RuntimeError, match="FlexAttention does not"):
+        model(ids, attention_mask=mask, depths=torch.full_like(ids, 2), labels=ids)

@@ -1,0 +1,109 @@
+"""Reference generate() against HF generate and against the parallel forward; sampling filters; configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tah.config import TaHConfig, load_config
+from tah.sampling import filter_logits, sample
+from tah.testing import random_depths
+
+from .test_model import batch, make
+
+
+def test_greedy_depth1_equals_hf_generate():
+    model, ref = make(max_depth=1, lora=False)
+    ids, mask = batch(B=1, T=6)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+    hf = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, min_new_tokens=12)
+    assert torch.equal(got.sequences, hf)
+
+
+@pytest.mark.parametrize("max_depth", [2, 3])
+def test_generate_forced_depths_matches_parallel_forward(max_depth):
+    """Every generated token is the argmax of the parallel forward over the final sequence."""
+    model, _ = make(max_depth=max_depth)
+    ids, mask = batch(B=3, T=7, padding="left", seed=5)
+    n = 9
+    forced = random_depths(3, n, max_depth, hard_fraction=0.5, seed=6)
+    prompt_d = random_depths(3, 7, max_depth, hard_fraction=0.5, seed=7)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, forced_depths=forced, prompt_depths=prompt_d)
+    seq = out.sequences
+    full_mask = torch.cat([mask, torch.ones(3, n, dtype=torch.long)], 1)
+    depths = torch.cat([prompt_d, forced], 1)
+    with torch.no_grad():
+        par = model(seq, attention_mask=full_mask, depths=depths).logits
+    pred = par[:, 6:-1].argmax(-1)  # logits at the last prompt token .. second-to-last generated
+    assert torch.equal(pred, seq[:, 7:])
+    assert torch.equal(out.depths[:, :n - 1], forced[:, :n - 1])
+    for s, step in enumerate(out.step_logits):
+        assert (step - par[:, 6 + s]).abs().max() <= 1e-4
+
+
+def test_batched_generation_equals_one_row_at_a_time():
+    model, _ = make(max_depth=2)
+    ids, mask = batch(B=3, T=8, padding="left", seed=9)
+    with torch.no_grad():  # a threshold inside the random decider's range, so both depths occur
+        probs = torch.sigmoid(model(ids, attention_mask=mask, depths=torch.full_like(ids, 2)).decider_logits)
+    thr = float(probs[mask.bool()].median())
+    both = model.generate(ids, attention_mask=mask, max_new_tokens=8, threshold=thr)
+    for b in range(3):
+        row = ids[b][mask[b].bool()][None]
+        alone = model.generate(row, max_new_tokens=8, threshold=thr)
+        assert torch.equal(alone.sequences[0, row.shape[1]:], both.sequences[b, 8:])
+        assert torch.equal(alone.depths[0], both.depths[b])
+    assert both.tokens_per_depth().get(2, 0) > 0  # the decider sent some tokens to depth 2
+
+
+def test_eos_stops_rows_and_seeded_sampling_is_reproducible():
+    model, _ = make(max_depth=2)
+    ids, mask = batch(B=2, T=5)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=1).sequences[:, -1]
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=int(first[0]), pad_token_id=0)
+    assert (out.sequences[0, 6:] == 0).all() and (out.depths[0] == 0).all()
+    a = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=1.0, seed=3)
+    b = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=1.0, seed=3)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_filters_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    keep = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].tolist()  # noqa: E731
+    assert keep(top_k=2) == [True, True, False, False, False]
+    assert keep(top_p=0.7) == [True, True, False, False, False]  # 0.5 + 0.2 reaches 0.7
+    assert keep(top_p=0.71) == [True, True, True, False, False]
+    assert keep(min_p=0.25) == [True, True, True, False, False]  # >= 0.125
+    assert keep(top_p=0.0) == [True, False, False, False, False]
+    assert keep() == [True] * 5
+    assert sample(logits, temperature=0.0).item() == 0
+    g = [torch.Generator().manual_seed(0)]
+    draws = {sample(logits, temperature=1.0, top_k=2, generators=g).item() for _ in range(50)}
+    assert draws == {0, 1}
+
+
+def test_config_yaml_overrides_and_errors(tmp_path: Path):
+    p = tmp_path / "r.yaml"
+    p.write_text("max_depth: 3\nlora:\n  r: 8\ndecider:\n  layers: [0, 2]\n")
+    cfg = load_config(TaHConfig, p, ["lora.alpha=4", "threshold=0.5", "decider.width=16"])
+    assert (cfg.max_depth, cfg.lora.r, cfg.lora.alpha, cfg.threshold) == (3, 8, 4, 0.5)
+    assert cfg.decider.layers == [0, 2] and cfg.decider.width == 16
+    assert load_config(TaHConfig, None, []) == TaHConfig()
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(TaHConfig, None, ["lora.rank=4"])
+    with pytest.raises(ValueError, match="expected an integer"):
+        load_config(TaHConfig, None, ["max_depth=two"])
+    with pytest.raises(ValueError, match="max_depth must be"):
+        load_config(TaHConfig, None, ["max_depth=0"])
+    with pytest.raises(ValueError, match="attn_backend"):
+        load_config(TaHConfig, None, ["attn_backend=magic"])
+    with pytest.raises(ValueError, match="key.sub=value"):
+        load_config(TaHConfig, None, ["threshold"])
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(TaHConfig, p)
+    back = TaHConfig.load_json(tmp_path / "x.json") if cfg.save_json(tmp_path / "x.json") is None else None
+    assert back == cfg
