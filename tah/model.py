@@ -48,8 +48,8 @@ STAGES = ("all", "stage1", "stage2", "standard", "frozen")
 class TaHOutput:
     """What a TaH forward returns (HF-style attribute access)."""
 
-    logits: torch.Tensor
-    """(B, T, V) final logits: sum of the logits of every depth the token ran (pads unspecified)."""
+    logits: torch.Tensor | None
+    """(B, T, V) final logits: sum of the logits of every depth the token ran (None if not asked for)."""
     depths: torch.Tensor
     """(B, T) long: the depth each token ran (0 for padding)."""
     decider_logits: torch.Tensor | None = None
@@ -222,12 +222,16 @@ class TaHForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 depths: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: TaHCache | None = None,
-                threshold: float | None = None, return_decider_logits: bool = True) -> TaHOutput:
+                threshold: float | None = None, return_decider_logits: bool = True,
+                return_logits: bool = True) -> TaHOutput:
         """Run every token to its depth: `depths` (B, T) forced (oracle), or chosen by the decider.
 
         input_ids (B, T); attention_mask (B, T) 1 = real token (left or right padding). Position ids
         default to HF generate's convention (count of real tokens before, continuing the cache).
         With `past_key_values` the tokens are appended to the cache (chunked prefill / decode).
+        return_logits=False (training with labels) skips assembling the (B, T, V) final logits: the
+        loss is computed per depth on each token's deepest cumulative logits instead -- the same value,
+        without two more (B*T, V) copies forward and backward. `.logits` is then None.
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -255,7 +259,7 @@ class TaHForCausalLM(nn.Module):
         layouts: list[_Layout] = []
         cum_lists: list[torch.Tensor] = []  # per depth: (N_d, V) cumulative logits, list order
         dec_parts: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-        topk: tuple[torch.Tensor, torch.Tensor] | None = None
+        conts: list[torch.Tensor] = []  # per depth: which of its tokens continue deeper
         for d in range(1, D + 1):
             if flat.numel() == 0:
                 break
@@ -263,56 +267,76 @@ class TaHForCausalLM(nn.Module):
             q_pos = lay.pack(flat_pos[flat])
             if d == 1:
                 x = emb(lay.pack(flat_ids[flat]))  # (B_d, T_d, H)
-                prev_cum = None
             else:
-                # Continuing tokens are a subset of the previous depth's, located through its index map.
-                where = prev_index[flat]
-                x = lay.pack(soft_embedding(topk[0][where], topk[1][where], emb.weight))
-                prev_cum = cum_lists[-1][where]
+                x = lay.pack(soft_embedding(topk_vals, topk_ids, emb.weight))
             h, saved = self._run_depth(d, x, q_pos, lay, store, keep)
             logits = lay.unpack(self.backbone.lm_head(h))  # (N_d, V)
-            cum = logits if prev_cum is None else prev_cum + logits
+            cum = logits if d == 1 else prev_cum + logits
             layouts.append(lay)
             cum_lists.append(cum)
             if d == D:
                 break
-            topk = cum.topk(self.topk, dim=-1)  # sorted values, (N_d, k)
             if need_decider:
-                dec = self.decider([lay.unpack(saved[i]) for i in self.decider_layers], topk.values)  # (N_d,)
+                top = cum.topk(self.topk, dim=-1)  # sorted values, (N_d, k)
+                dec = self.decider([lay.unpack(saved[i]) for i in self.decider_layers], top.values)  # (N_d,)
                 dec_parts.append((flat, d, dec))
             if depths is not None:
                 cont = depths.reshape(-1)[flat] > d
             else:
                 cont = torch.sigmoid(dec.float()) > thr
-            prev_index = torch.full((B * T,), -1, dtype=torch.long, device=dev)
-            prev_index[flat] = torch.arange(flat.numel(), device=dev)
-            flat = flat[cont]
+            # Continuing tokens keep their list order, so a boolean mask carries everything over.
+            conts.append(cont)
+            flat, prev_cum = flat[cont], cum[cont]
+            if need_decider:
+                topk_vals, topk_ids = top.values[cont], top.indices[cont]
+            else:  # top-k only where the next depth needs it (~15% of tokens), not over all (N, V)
+                topk_vals, topk_ids = prev_cum.topk(self.topk, dim=-1)
 
-        # Assemble: every token's final logits are its deepest cumulative logits.
-        V = cum_lists[0].shape[-1] if cum_lists else self.backbone.config.vocab_size
         run_depth = torch.zeros(B * T, dtype=torch.long, device=dev)
-        if layouts and layouts[0].identity:
-            final = cum_lists[0]
-        else:
-            final = torch.zeros(B * T, V, dtype=emb.weight.dtype, device=dev)
-            if layouts:
-                final = final.index_copy(0, layouts[0].flat, cum_lists[0])
-        for d, (lay, cum) in enumerate(zip(layouts, cum_lists), start=1):
+        for d, lay in enumerate(layouts, start=1):
             run_depth[lay.flat] = d
-            if d > 1:
-                final = final.index_copy(0, lay.flat, cum)
+        logits = self._assemble_logits(layouts, cum_lists, B * T).view(B, T, -1) if return_logits else None
         decider_logits = None
         if need_decider and D > 1:
             decider_logits = torch.zeros(B * T, D - 1, dtype=torch.float32, device=dev)
             for f, d, dec in dec_parts:
                 decider_logits = decider_logits.index_put((f, torch.full_like(f, d - 1)), dec.float())
             decider_logits = decider_logits.view(B, T, D - 1)
-        logits = final.view(B, T, V)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels.masked_fill(~valid, -100))
+            target = next_token_targets(labels, valid).reshape(-1)
+            n = (target != -100).sum().clamp_min(1)
+            if logits is not None:
+                loss = F.cross_entropy(logits.reshape(B * T, -1).float(), target, ignore_index=-100, reduction="sum") / n
+            else:
+                loss = self._depthwise_loss(layouts, cum_lists, conts, target) / n
         self._set_lora(False)
         return TaHOutput(logits=logits, depths=run_depth.view(B, T), decider_logits=decider_logits, loss=loss)
+
+    def _assemble_logits(self, layouts: list[_Layout], cum_lists: list[torch.Tensor], n: int) -> torch.Tensor:
+        """(B*T, V): every token's deepest cumulative logits (zeros at padding)."""
+        if not layouts:
+            w = self.backbone.get_input_embeddings().weight
+            return torch.zeros(n, self.backbone.config.vocab_size, dtype=w.dtype, device=w.device)
+        if layouts[0].identity:
+            final = cum_lists[0]
+        else:
+            final = cum_lists[0].new_zeros(n, cum_lists[0].shape[-1]).index_copy(0, layouts[0].flat, cum_lists[0])
+        for lay, cum in zip(layouts[1:], cum_lists[1:]):
+            final = final.index_copy(0, lay.flat, cum)
+        return final
+
+    def _depthwise_loss(self, layouts: list[_Layout], cum_lists: list[torch.Tensor], conts: list[torch.Tensor],
+                        target: torch.Tensor) -> torch.Tensor:
+        """Summed CE of the assembled logits vs flat targets (B*T,), computed per depth without assembling."""
+        total = None
+        for d, (lay, cum) in enumerate(zip(layouts, cum_lists)):
+            t = target[lay.flat]
+            if d < len(conts):
+                t = t.masked_fill(conts[d], -100)  # scored at a deeper depth
+            part = F.cross_entropy(cum.float(), t, ignore_index=-100, reduction="sum")
+            total = part if total is None else total + part
+        return total
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -384,15 +408,17 @@ class TaHForCausalLM(nn.Module):
         return model
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE: logits (B, T, V) at t predict labels at t + 1; -100 is ignored.
+def next_token_targets(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, T) target of each position: labels[t + 1], or -100 where t or t + 1 is padding.
 
-    Normalised once by the number of target tokens (the authors' code divided twice).
+    Masking the *source* position too matters with left padding: HF's loss scores the last pad
+    position against the first real token. The loss is normalised once by the number of targets
+    (the authors' code divided twice).
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    n = (shift_labels != -100).sum().clamp_min(1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / n
+    labels = labels.masked_fill(~valid, -100)
+    target = torch.full_like(labels, -100)
+    target[:, :-1] = labels[:, 1:]
+    return target.masked_fill(~valid, -100)
 
 
 def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:

@@ -171,12 +171,30 @@ def test_bad_depths_raise():
 
 def test_loss_is_normalised_once_over_targets():
     model, _ = make(max_depth=2)
-    ids, mask = batch(B=2, T=9, padding="right")
+    ids, mask = batch(B=2, T=9, padding="left")
     labels = ids.clone()
     labels[:, :3] = -100
     out = model(ids, attention_mask=mask, depths=random_depths(2, 9, 2, seed=2), labels=labels)
-    lab = labels.masked_fill(mask == 0, -100)[:, 1:]
+    lab = labels.masked_fill(mask == 0, -100)[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
     logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
     keep = lab != -100
     manual = -logp[keep].gather(1, lab[keep][:, None]).mean()
     assert torch.allclose(out.loss, manual, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_depth", [1, 2, 3])
+def test_depthwise_loss_equals_loss_on_assembled_logits(max_depth):
+    ids, mask = batch(B=3, T=12, padding="left", seed=12)
+    depths = random_depths(3, 12, max_depth, hard_fraction=0.4, seed=13)
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.2, -100)
+    res = []
+    for return_logits in (True, False):
+        model, _ = make(max_depth=max_depth, lora=max_depth > 1)
+        out = model(ids, attention_mask=mask, depths=depths, labels=labels, return_logits=return_logits)
+        assert (out.logits is None) == (not return_logits)
+        out.loss.backward()
+        res.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert torch.allclose(res[0][0], res[1][0], atol=1e-6)
+    assert set(res[0][1]) == set(res[1][1])
+    for n in res[0][1]:
+        assert torch.allclose(res[0][1][n], res[1][1][n], atol=1e-6), n
