@@ -15,7 +15,12 @@ so inside one call the rule reduces to *position causality + key existence*:
              otherwise a dense bool mask of (Tq_d x Tk) -- small at depth >= 2 where Tq_d ~ 15% of T.
 - flex       FlexAttention with a block mask built from the same rule (never a dense T x T mask);
              compiled. Torch has no FlexAttention backward on CPU, so on CPU it serves inference only.
-- auto       is_causal / key-validity fast cases via SDPA; the general case via flex on CUDA and the
+- flash      the flash-attn package (optional `[gpu]` extra) for the calls its API can express:
+             causal attention within one depth (depth 1; every depth of AlwaysThink), unpadded with
+             `flash_attn_varlen_func`. Cross-depth calls need per-query prefix lengths, which its
+             training kernels do not take: those go to flex (CUDA) or sdpa, and are counted as such.
+- auto       causal calls via flash-attn when it is installed and the tensors are on CUDA, else SDPA;
+             decode via SDPA with a key-validity vector; the general case via flex on CUDA and the
              dense-mask SDPA on CPU.
 
 Which path ran is counted per call in `DuoCausalSpec.counts` (TaHForCausalLM.attention_paths).
@@ -142,10 +147,48 @@ def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: Duo
                           enable_gqa=query.shape[1] != key.shape[1])
 
 
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flash_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DuoCausalSpec,
+                  scaling: float, dropout: float) -> torch.Tensor:
+    """Causal attention of packed, left-aligned rows through flash_attn_varlen_func (padding dropped).
+
+    query (B, H, T, D), keys the same tokens (B, Hkv, T, D) -> (B, H, T, D), zeros at padding slots.
+    """
+    from flash_attn import flash_attn_varlen_func
+
+    B, H, T, D = query.shape
+    valid = spec.k_valid  # (B, T): the queries are the keys here
+    lens = valid.sum(1, dtype=torch.int32)
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=query.device)
+    cu[1:] = lens.cumsum(0)
+    bi, ti = valid.nonzero(as_tuple=True)
+    q, k, v = (x.transpose(1, 2)[bi, ti] for x in (query, key, value))  # (N, heads, D)
+    out = flash_attn_varlen_func(q, k, v, cu, cu, int(lens.max()), int(lens.max()), dropout_p=dropout,
+                                 softmax_scale=scaling, causal=True)  # (N, H, D)
+    full = out.new_zeros(B, T, H, D).index_put((bi, ti), out)
+    return full.transpose(1, 2)
+
+
 def resolve_backend(requested: str, device: torch.device, spec: DuoCausalSpec) -> str:
-    """The backend that will run the general case of this spec ('auto' resolved by device)."""
+    """The backend that will run this call ('auto' resolved by device and what the call needs)."""
+    plain_causal = spec.causal and spec.q_segment is None
+    if requested == "flash":
+        if not flash_attn_available():
+            raise RuntimeError("attn_backend='flash' needs the flash-attn package (pip install 'tah[gpu]' on CUDA)")
+        if plain_causal:
+            return "flash"
+        return "flex" if device.type == "cuda" else "sdpa"  # not expressible in flash-attn's API
     if requested != "auto":
         return requested
+    if plain_causal and device.type == "cuda" and flash_attn_available():
+        return "flash"
     if spec.causal or spec.all_keys_precede:
         return "sdpa"
     return "flex" if device.type == "cuda" else "sdpa"
@@ -172,6 +215,8 @@ def tah_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         out, path = _sdpa(query, key, value, spec, scaling, dropout)
     elif backend == "flex":
         out, path = _flex(query, key, value, spec, scaling, dropout), "flex:block_mask"
+    elif backend == "flash":
+        out, path = _flash_causal(query, key, value, spec, scaling, dropout), "flash:varlen_causal"
     else:
         raise ValueError(f"unknown attention backend {backend!r}")
     spec.counts[path] += 1

@@ -23,7 +23,7 @@ import yaml
 
 T = TypeVar("T")
 
-ATTN_BACKENDS = ("auto", "reference", "sdpa", "flex")
+ATTN_BACKENDS = ("auto", "reference", "sdpa", "flex", "flash")
 DEPTH_ATTENTION = ("duo_causal", "current", "first")
 
 
@@ -81,7 +81,7 @@ class TaHConfig:
     threshold: float = 0.9
     """A token continues to the next depth iff the decider's probability > threshold."""
     attn_backend: str = "auto"
-    """Duo-causal attention backend: auto | reference | sdpa | flex (see tah/attention.py)."""
+    """Duo-causal attention backend: auto | reference | sdpa | flex | flash (see tah/attention.py)."""
     depth_attention: str = "duo_causal"
     """Which depths a query sees: duo_causal (all <= its own), current (AlwaysThink), first."""
     lora: LoraSettings = field(default_factory=LoraSettings)

@@ -127,3 +127,52 @@ def test_flex_backward_on_cpu_is_a_clear_error():
     ids, mask = batch(B=1, T=6)
     with pytest.raises(RuntimeError, match="FlexAttention does not"):
         model(ids, attention_mask=mask, depths=torch.full_like(ids, 2), labels=ids)
+
+
+def _fake_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                       softmax_scale=None, causal=False, **_):
+    """flash_attn_varlen_func's documented semantics, naively: per sequence, GQA, bottom-right causal."""
+    assert dropout_p == 0.0 and q.dim() == 3 and cu_seqlens_q.dtype == torch.int32
+    rep = q.shape[1] // k.shape[1]
+    outs = []
+    for s in range(len(cu_seqlens_q) - 1):
+        qs = q[cu_seqlens_q[s]:cu_seqlens_q[s + 1]].transpose(0, 1)  # (H, Lq, D)
+        ks = k[cu_seqlens_k[s]:cu_seqlens_k[s + 1]].transpose(0, 1).repeat_interleave(rep, 0)
+        vs = v[cu_seqlens_k[s]:cu_seqlens_k[s + 1]].transpose(0, 1).repeat_interleave(rep, 0)
+        scores = qs @ ks.transpose(-1, -2) * (softmax_scale or qs.shape[-1] ** -0.5)
+        if causal:
+            lq, lk = qs.shape[1], ks.shape[1]
+            allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        outs.append((torch.softmax(scores, -1) @ vs).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_flash_backend_logic_with_standin(monkeypatch):
+    """The flash path's unpad / re-pad and routing, run against a stand-in of flash-attn's API on CPU."""
+    import sys
+    import types
+
+    import tah.attention as A
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=_fake_flash_varlen))
+    ids, mask = batch(B=3, T=12, padding="left", seed=14)
+    depths = random_depths(3, 12, 2, hard_fraction=0.4, seed=15)
+    res = {}
+    for backend in ("reference", "flash"):
+        model, _ = make(max_depth=2, attn_backend=backend)
+        out = model(ids, attention_mask=mask, depths=depths, labels=ids)
+        out.loss.backward()
+        res[backend] = (out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        dict(model.attention_paths))
+    v = mask.bool()
+    assert (res["flash"][0] - res["reference"][0])[v].abs().max() <= 1e-5
+    for n, g in res["reference"][1].items():
+        assert torch.allclose(res["flash"][1][n], g, atol=1e-5, rtol=1e-4), n
+    # Depth 1 went through flash-attn; depth 2 (cross-depth) cannot, and says where it went instead.
+    assert set(res["flash"][2]) == {"flash:varlen_causal", "sdpa:dense_mask"}
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # now "not installed"
+    assert not A.flash_attn_available()
+    model, _ = make(max_depth=2, attn_backend="flash")
+    with pytest.raises(RuntimeError, match="needs the flash-attn package"):
+        model(ids, attention_mask=mask)
