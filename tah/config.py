@@ -217,3 +217,55 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
             raise ValueError(f"{path}: a recipe must be a YAML mapping, got {type(loaded).__name__}")
         data = loaded or {}
     return from_dict(cls, apply_overrides(data, overrides or []))
+
+
+@dataclass
+class LabelConfig:
+    """jobs/label.py: oracle labels of a Mixture-of-Thoughts-format source with a reference model."""
+
+    reference_model: str = ""
+    """The reference SFT model: local dir, hub id or s3:// checkpoint (plain HF causal LM)."""
+    source: str = "data/tinytask"
+    """Hub id (open-r1/Mixture-of-Thoughts), local directory or s3:// prefix."""
+    tokenizer: str = "data/tinytask/tokenizer"
+    """Tokenizer with the chat template (usually the reference model's own)."""
+    output: str = "runs/labels"
+    """Local directory or s3:// prefix for the Parquet shards and manifest.json."""
+    domains: list[str] = field(default_factory=lambda: ["math", "code", "science"])
+    split: str = "train"
+    samples_per_domain: int | None = None
+    """Balanced sampling: this many per domain (seeded), or all."""
+    seed: int = 0
+    max_response_tokens: int = 8192
+    validation_fraction: float = 0.01
+    num_shards: int = 8
+    """Deterministic shards (by hash of the sample id); the unit of exactly-once commit."""
+    shards_per_wave: int = 8
+    """Shards processed (and committed) per pass of the Ray Data pipeline."""
+    num_actors: int = 1
+    """Reference-model actors (one GPU each when use_gpu)."""
+    batch_size: int = 16
+    """Samples per actor call."""
+    use_gpu: bool = False
+    dtype: str = "float32"
+    max_depth: int = 2
+    """Depths written in the `depth` column (CE and entropy are stored for re-binning later)."""
+    metric: str = "mismatch"
+    """mismatch | entropy | ce (the latter two at the mismatch count's hard ratio per sample)."""
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1 or self.shards_per_wave < 1 or self.num_actors < 1 or self.batch_size < 1:
+            raise ValueError("num_shards, shards_per_wave, num_actors and batch_size must be >= 1")
+        if self.metric not in ("mismatch", "entropy", "ce"):
+            raise ValueError(f"metric must be mismatch | entropy | ce, got {self.metric!r}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError("validation_fraction must be in [0, 1)")
+        if self.max_depth < 1:
+            raise ValueError("max_depth must be >= 1")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the labels; a re-run into the same output must match them."""
+        d = to_dict(self)
+        for k in ("output", "shards_per_wave", "num_actors", "batch_size", "use_gpu"):
+            d.pop(k)
+        return d

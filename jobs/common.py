@@ -1,0 +1,42 @@
+"""Shared plumbing of the Ray entry points: argument parsing into typed configs and Ray start-up.
+
+Run without a cluster, a job starts a local Ray bound to 127.0.0.1; under `ray job submit` (or with
+RAY_ADDRESS set) it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TypeVar
+
+# Ray reads this when it is imported: off (no cluster address) keeps every Ray process of a local
+# run on 127.0.0.1 instead of the machine's external interface. A cluster job (RAY_ADDRESS) keeps it.
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+T = TypeVar("T")
+
+
+def parse(cls: type[T], argv: list[str] | None, description: str) -> T:
+    from tah.config import load_config
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", help="YAML recipe (fields of %s)" % cls.__name__)
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_actors=2 output=s3://bucket/labels")
+    args = ap.parse_args(argv)
+    return load_config(cls, args.config, args.overrides)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION", "AWS_REGION", "TAH_CACHE") if k in os.environ}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": env} if env else None, log_to_driver=False)

@@ -1,0 +1,161 @@
+"""Oracle labels with Ray Data: read -> tokenize (CPU tasks) -> reference-model actors -> Parquet shards.
+
+    python jobs/label.py --config jobs/configs/label/tiny.yaml reference_model=runs/sft
+    ray job submit -- python jobs/label.py --config jobs/configs/label/tiny.yaml \
+        source=open-r1/Mixture-of-Thoughts reference_model=s3://bucket/sft output=s3://bucket/labels \
+        num_actors=8 use_gpu=true samples_per_domain=33000
+
+Exactly once and resumable: samples are split into `num_shards` shards by a hash of their id; each
+shard is written as one object that becomes visible only when complete, and a re-run with the same
+output skips the shards already there. Shards are processed `shards_per_wave` at a time, so a killed
+job loses at most the wave in flight. `manifest.json` (counts, hard ratio per domain, malformed rows,
+settings) is written when every shard is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.common import init_ray, parse  # noqa: E402  (first: sets Ray's loopback switch before import)
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+from ray.data import ActorPoolStrategy  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from tah import storage  # noqa: E402
+from tah.config import LabelConfig, to_dict  # noqa: E402
+from tah.data import labeling as L  # noqa: E402
+from tah.data.openr1 import is_hub_id, select_balanced, source_files  # noqa: E402
+
+CONFIG_NAME = "label_config.json"
+MANIFEST_NAME = "manifest.json"
+# Test hook: exit abruptly (as if killed) after this many waves have been committed.
+FAIL_AFTER_WAVES = "TAH_LABEL_FAIL_AFTER_WAVES"
+
+
+def read_normalized(cfg: LabelConfig) -> ray.data.Dataset:
+    """Every domain's rows as {id, domain, shard, is_validation, messages, extra, status}."""
+    parts = []
+    for domain in cfg.domains:
+        if is_hub_id(cfg.source):
+            import datasets
+
+            ds = ray.data.from_huggingface(datasets.load_dataset(cfg.source, name=domain, split=cfg.split))
+            jsonl = False
+        else:
+            files = source_files(cfg.source, domain, cfg.split)
+            if not files:
+                raise FileNotFoundError(f"no {cfg.split} files for domain {domain!r} under {cfg.source}")
+            fs, _ = storage.pyarrow_fs(files[0])
+            paths = [storage.pyarrow_fs(f)[1] for f in files]
+            jsonl = not files[0].endswith(".parquet")
+            ds = ray.data.read_text(paths, filesystem=fs) if jsonl else ray.data.read_parquet(paths, filesystem=fs)
+        parts.append(ds.map_batches(L.to_raw, fn_kwargs={"domain": domain, "jsonl": jsonl}, batch_format="numpy"))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return ds.map_batches(L.normalize_batch, batch_format="numpy",
+                          fn_kwargs={"num_shards": cfg.num_shards, "validation_fraction": cfg.validation_fraction})
+
+
+def check_output(cfg: LabelConfig) -> None:
+    """The output either is new (record the settings) or was made with exactly these settings."""
+    uri = storage.join(cfg.output, CONFIG_NAME)
+    if storage.exists(uri):
+        before = json.loads(storage.read_bytes(uri))
+        if before != cfg.identity():
+            diff = sorted(k for k in set(before) | set(cfg.identity()) if before.get(k) != cfg.identity().get(k))
+            raise SystemExit(f"{cfg.output} holds labels made with different settings ({', '.join(diff)}); "
+                             "use a new output")
+    else:
+        storage.write_bytes_atomic(uri, json.dumps(cfg.identity(), indent=2, sort_keys=True).encode())
+
+
+def run(cfg: LabelConfig) -> dict:
+    """Label every pending shard and write the manifest; returns the manifest."""
+    if not cfg.reference_model:
+        raise SystemExit("reference_model is required (a local dir, hub id or s3:// checkpoint)")
+    t0 = time.time()
+    check_output(cfg)
+    index = read_normalized(cfg).select_columns(["id", "domain", "shard", "status"]).to_pandas()
+    malformed = Counter(index.loc[index.status != "", "status"])
+    ok = index[index.status == ""]
+    malformed["duplicate"] += int(ok.id.duplicated().sum())
+    ok = ok.drop_duplicates("id")
+    by_domain = {d: sorted(g.id) for d, g in ok.groupby("domain")}
+    selected = select_balanced(by_domain, cfg.samples_per_domain, cfg.seed)
+    ok = ok[ok.id.isin(selected)]
+    names = [L.shard_name(i, cfg.num_shards) for i in range(cfg.num_shards)]
+    present = {Path(f).name for f in storage.list_files(cfg.output, (".parquet",))}
+    pending = [i for i in range(cfg.num_shards) if names[i] not in present]
+    print(f"[label] {len(ok)} samples selected in {cfg.num_shards} shards ({len(pending)} to do); "
+          f"malformed rows skipped: {dict(malformed) or 0}", flush=True)
+
+    waves = [pending[i:i + cfg.shards_per_wave] for i in range(0, len(pending), cfg.shards_per_wave)]
+    for w, wave in enumerate(tqdm(waves, desc="label waves", unit="wave")):
+        ids = frozenset(ok.id[ok.shard.isin(wave)])
+        buffers: dict[int, list[dict[str, np.ndarray]]] = {shard: [] for shard in wave}
+        if ids:
+            ds = (read_normalized(cfg)
+                  .map_batches(L.keep_ids, fn_kwargs={"ids": ids}, batch_format="numpy")
+                  .map_batches(L.tokenize_batch, batch_format="numpy",
+                               fn_kwargs={"tokenizer_path": cfg.tokenizer, "max_response_tokens": cfg.max_response_tokens})
+                  .map_batches(L.ReferenceLabeler, batch_format="numpy", batch_size=cfg.batch_size,
+                               compute=ActorPoolStrategy(size=cfg.num_actors), num_gpus=1 if cfg.use_gpu else 0,
+                               fn_constructor_kwargs={"model_path": cfg.reference_model, "max_depth": cfg.max_depth,
+                                                      "metric": cfg.metric, "dtype": cfg.dtype}))
+            # The driver gathers the wave by shard and commits each shard as one object. (A Ray groupby
+            # would do the same on workers, but its hash shuffle fails on empty partitions in 2.60.)
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                for shard in np.unique(batch["shard"]):
+                    sel = batch["shard"] == shard
+                    buffers[int(shard)].append({k: v[sel] for k, v in batch.items()})
+        for shard, parts in buffers.items():
+            rows = L.concat_batches(parts) if parts else L.empty_shard_batch()
+            L.write_shard({**rows, "shard": np.full(max(len(rows["id"]), 1), shard)}, cfg.output, cfg.num_shards)
+        if os.environ.get(FAIL_AFTER_WAVES) and w + 1 >= int(os.environ[FAIL_AFTER_WAVES]):
+            print(f"[label] {FAIL_AFTER_WAVES} reached: exiting after wave {w + 1}", flush=True)
+            os._exit(3)
+
+    manifest = build_manifest(cfg, names, malformed, time.time() - t0)
+    storage.write_bytes_atomic(storage.join(cfg.output, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
+    print(f"[label] done: {manifest['samples']} samples, {manifest['tokens']} tokens, hard ratio "
+          f"{manifest['hard_ratio']:.3f} ({manifest['hard_ratio_per_domain']}) -> {cfg.output}", flush=True)
+    return manifest
+
+
+def build_manifest(cfg: LabelConfig, names: list[str], malformed: Counter, seconds: float) -> dict:
+    samples, labelled, hard, tok_malformed = Counter(), Counter(), Counter(), Counter()
+    tokens = validation = 0
+    for name in names:
+        st = L.read_shard_stats(storage.join(cfg.output, name))
+        samples.update(st["samples"])
+        labelled.update(st["labelled"])
+        hard.update(st["hard"])
+        tok_malformed.update(st["malformed"])
+        tokens += st["tokens"]
+        validation += st["validation"]
+    return {
+        "samples": sum(samples.values()), "samples_per_domain": dict(samples), "validation_samples": validation,
+        "tokens": tokens, "labelled_positions": sum(labelled.values()), "hard_positions": sum(hard.values()),
+        "hard_ratio": sum(hard.values()) / max(sum(labelled.values()), 1),
+        "hard_ratio_per_domain": {d: hard[d] / max(labelled[d], 1) for d in sorted(labelled)},
+        "malformed": dict(malformed + tok_malformed), "shards": names,
+        "reference_model": cfg.reference_model, "settings": to_dict(cfg), "seconds_last_run": round(seconds, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse(LabelConfig, argv, __doc__.split("\n")[0])
+    init_ray()
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Oracle labels: which tokens are hard, as pure functions of a reference model's logits.
+
+Position i makes the prediction of token i + 1. The default metric is **top-1 mismatch**: position i
+is hard iff the reference model's argmax at i differs from token i + 1 (the flag sits on i, the
+position that makes the wrong prediction). Only positions inside the assistant response are
+labelled (token i and token i + 1 both assistant tokens); prompt tokens are always depth 1.
+
+Alternatives (same hard ratio per sample as the mismatch count): the `entropy` or `ce` of the
+reference prediction, top-k per sample. For max_depth > 2 the hard tokens are sorted by reference
+cross-entropy and split into (max_depth - 1) equal bins, highest CE deepest.
+
+    python -c "import torch; from tah.oracle import token_stats; print(token_stats(torch.randn(5, 7), torch.arange(5)))"
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("mismatch", "entropy", "ce")
+
+
+@torch.no_grad()
+def token_stats(logits: torch.Tensor, input_ids: torch.Tensor, chunk: int = 1024) -> dict[str, torch.Tensor]:
+    """logits (T, V) of a teacher-forced pass, input_ids (T,) -> per position i (predicting i + 1):
+    mismatch (T,) bool, ce (T,) float32, entropy (T,) float32. The last position has no target:
+    mismatch False, ce 0. Chunked over T so that fp32 copies of (T, V) never exist at once."""
+    T = logits.shape[0]
+    mismatch = torch.zeros(T, dtype=torch.bool, device=logits.device)
+    ce = torch.zeros(T, dtype=torch.float32, device=logits.device)
+    ent = torch.zeros(T, dtype=torch.float32, device=logits.device)
+    target = torch.cat([input_ids[1:], input_ids[-1:]])  # (T,), last one unused
+    for a in range(0, T, chunk):
+        x = logits[a:a + chunk].float()  # (c, V)
+        lse = torch.logsumexp(x, dim=-1)
+        p = torch.exp(x - lse[:, None])
+        ent[a:a + chunk] = lse - (p * x).sum(-1)
+        ce[a:a + chunk] = lse - x.gather(1, target[a:a + chunk, None]).squeeze(1)
+        mismatch[a:a + chunk] = x.argmax(-1) != target[a:a + chunk]
+    mismatch[-1], ce[-1] = False, 0.0
+    return {"mismatch": mismatch, "ce": ce, "entropy": ent}
+
+
+def labelled_positions(assistant_mask: torch.Tensor) -> torch.Tensor:
+    """(T,) bool: positions whose own token and whose target token are both assistant tokens."""
+    m = assistant_mask.bool()
+    out = torch.zeros_like(m)
+    out[:-1] = m[:-1] & m[1:]
+    return out
+
+
+def oracle_depths(mismatch: torch.Tensor, ce: torch.Tensor, entropy: torch.Tensor, assistant_mask: torch.Tensor,
+                  max_depth: int = 2, metric: str = "mismatch") -> torch.Tensor:
+    """(T,) long depth per position in 1..max_depth."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if max_depth < 1:
+        raise ValueError("max_depth must be >= 1")
+    lab = labelled_positions(assistant_mask)
+    hard = mismatch.bool() & lab
+    depths = torch.ones_like(mismatch, dtype=torch.long)
+    if max_depth == 1:
+        return depths
+    if metric != "mismatch":
+        k = int(hard.sum())
+        score = (entropy if metric == "entropy" else ce).float().masked_fill(~lab, float("-inf"))
+        hard = torch.zeros_like(hard)
+        if k:
+            hard[score.topk(k).indices] = True
+    idx = hard.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return depths
+    if max_depth == 2:
+        depths[idx] = 2
+        return depths
+    # Quantile bins of the hard tokens by reference CE: lowest bin -> depth 2, highest -> max_depth.
+    order = idx[ce[idx].float().argsort(stable=True)]
+    for b, part in enumerate(torch.tensor_split(order, max_depth - 1)):
+        depths[part] = 2 + b
+    return depths
+
+
+def continue_labels(depths: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """(..., max_depth - 1) stage-2 targets: at depth d, 1 if the oracle goes deeper, 0 if it stops,
+    -1 (ignored) where the token never reaches depth d (d = 1..min(max_depth - 1, oracle depth))."""
+    d = torch.arange(1, max_depth, device=depths.device)
+    lab = (depths[..., None] > d).long()
+    return lab.masked_fill(depths[..., None] < d, -1)
