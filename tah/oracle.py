@@ -20,24 +20,43 @@ METRICS = ("mismatch", "entropy", "ce")
 
 
 @torch.no_grad()
-def token_stats(logits: torch.Tensor, input_ids: torch.Tensor, chunk: int = 1024) -> dict[str, torch.Tensor]:
+def _stats_flat(x: torch.Tensor, target: torch.Tensor, chunk: int) -> tuple[torch.Tensor, ...]:
+    """x (N, V) logits, target (N,) -> mismatch, ce, entropy (N,), chunked so that fp32 copies of
+    (N, V) never exist at once."""
+    N = x.shape[0]
+    mismatch = torch.empty(N, dtype=torch.bool, device=x.device)
+    ce = torch.empty(N, dtype=torch.float32, device=x.device)
+    ent = torch.empty(N, dtype=torch.float32, device=x.device)
+    for a in range(0, N, chunk):
+        c = x[a:a + chunk].float()  # (c, V)
+        lse = torch.logsumexp(c, dim=-1)
+        ent[a:a + chunk] = lse - (torch.softmax(c, dim=-1) * c).sum(-1)
+        ce[a:a + chunk] = lse - c.gather(1, target[a:a + chunk, None]).squeeze(1)
+        mismatch[a:a + chunk] = c.argmax(-1) != target[a:a + chunk]
+    return mismatch, ce, ent
+
+
+@torch.no_grad()
+def token_stats(logits: torch.Tensor, input_ids: torch.Tensor, chunk: int = 4096) -> dict[str, torch.Tensor]:
     """logits (T, V) of a teacher-forced pass, input_ids (T,) -> per position i (predicting i + 1):
     mismatch (T,) bool, ce (T,) float32, entropy (T,) float32. The last position has no target:
-    mismatch False, ce 0. Chunked over T so that fp32 copies of (T, V) never exist at once."""
-    T = logits.shape[0]
-    mismatch = torch.zeros(T, dtype=torch.bool, device=logits.device)
-    ce = torch.zeros(T, dtype=torch.float32, device=logits.device)
-    ent = torch.zeros(T, dtype=torch.float32, device=logits.device)
+    mismatch False, ce 0."""
     target = torch.cat([input_ids[1:], input_ids[-1:]])  # (T,), last one unused
-    for a in range(0, T, chunk):
-        x = logits[a:a + chunk].float()  # (c, V)
-        lse = torch.logsumexp(x, dim=-1)
-        p = torch.exp(x - lse[:, None])
-        ent[a:a + chunk] = lse - (p * x).sum(-1)
-        ce[a:a + chunk] = lse - x.gather(1, target[a:a + chunk, None]).squeeze(1)
-        mismatch[a:a + chunk] = x.argmax(-1) != target[a:a + chunk]
+    mismatch, ce, ent = _stats_flat(logits, target, chunk)
     mismatch[-1], ce[-1] = False, 0.0
     return {"mismatch": mismatch, "ce": ce, "entropy": ent}
+
+
+@torch.no_grad()
+def batch_token_stats(logits: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor,
+                      chunk: int = 4096) -> dict[str, torch.Tensor]:
+    """Right-padded batch: logits (B, T, V), input_ids (B, T), lengths (B,) -> the same statistics,
+    (B, T) each, computed in one pass over the batch (positions at or past a row's end: 0 / False)."""
+    B, T, V = logits.shape
+    target = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # (B, T)
+    mismatch, ce, ent = (t.view(B, T) for t in _stats_flat(logits.reshape(B * T, V), target.reshape(-1), chunk))
+    has_target = torch.arange(T, device=logits.device)[None, :] < (lengths[:, None] - 1)  # (B, T)
+    return {"mismatch": mismatch & has_target, "ce": ce.masked_fill(~has_target, 0.0), "entropy": ent}
 
 
 def labelled_positions(assistant_mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from .. import storage
-from ..oracle import labelled_positions, oracle_depths, token_stats
+from ..oracle import batch_token_stats, labelled_positions, oracle_depths, token_stats
 from .chat import MalformedSample, tokenize_chat
 from .openr1 import Sample, is_validation, normalize_row
 
@@ -145,46 +145,62 @@ class ReferenceLabeler:
         self.model.to(self.device).eval()
         self.max_depth, self.metric, self.max_batch_tokens = max_depth, metric, max_batch_tokens
 
-    @torch.no_grad()
-    def logits(self, seqs: list[np.ndarray]) -> list[torch.Tensor]:
-        """Teacher-forced logits of each sequence, in micro-batches of similar length (right padding)."""
+    def micro_batches(self, seqs: list[np.ndarray]) -> list[list[int]]:
+        """Indices grouped by similar length, each group within max_batch_tokens once padded."""
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        out: list[torch.Tensor | None] = [None] * len(seqs)
-        i = 0
+        groups, i = [], 0
         while i < len(order):
             j = i + 1
             while j < len(order) and (j + 1 - i) * len(seqs[order[j]]) <= self.max_batch_tokens:
                 j += 1
-            group = order[i:j]
-            T = max(len(seqs[g]) for g in group)
-            ids = torch.zeros(len(group), T, dtype=torch.long)
-            mask = torch.zeros(len(group), T, dtype=torch.long)
-            for r, g in enumerate(group):
-                ids[r, :len(seqs[g])] = torch.as_tensor(seqs[g], dtype=torch.long)
-                mask[r, :len(seqs[g])] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            groups.append(order[i:j])
+            i = j
+        return groups
+
+    @torch.no_grad()
+    def forward(self, seqs: list[np.ndarray], group: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits of one micro-batch (right padding): logits (b, T, V), ids (b, T), lengths (b,)."""
+        lengths = torch.tensor([len(seqs[g]) for g in group], dtype=torch.long)
+        T = int(lengths.max())
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        for r, g in enumerate(group):
+            ids[r, :len(seqs[g])] = torch.as_tensor(seqs[g], dtype=torch.long)
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+        ids, mask, lengths = ids.to(self.device), mask.to(self.device), lengths.to(self.device)
+        return self.model(input_ids=ids, attention_mask=mask).logits, ids, lengths
+
+    def logits(self, seqs: list[np.ndarray]) -> list[torch.Tensor]:
+        """Each sequence's logits (T_i, V), computed in micro-batches (the plain-forward baseline)."""
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        for group in self.micro_batches(seqs):
+            logits, _, _ = self.forward(seqs, group)
             for r, g in enumerate(group):
                 out[g] = logits[r, :len(seqs[g])]
-            i = j
         return out  # type: ignore[return-value]
 
+    def _finish(self, stats: dict[str, torch.Tensor], assistant_mask: np.ndarray) -> dict[str, Any]:
+        """Per-row stats (T,) -> oracle depths and the stored columns."""
+        am = torch.as_tensor(np.asarray(assistant_mask), device=stats["ce"].device)
+        depth = oracle_depths(stats["mismatch"], stats["ce"], stats["entropy"], am, self.max_depth, self.metric)
+        return {"depth": depth.to(torch.int8).cpu().numpy(), "ref_mismatch": stats["mismatch"].to(torch.int8).cpu().numpy(),
+                "ref_ce": stats["ce"].cpu().numpy(), "ref_entropy": stats["entropy"].cpu().numpy(),
+                "num_labelled": int(labelled_positions(am).sum()), "num_hard": int((depth > 1).sum())}
+
     def label(self, input_ids: np.ndarray, assistant_mask: np.ndarray, logits: torch.Tensor) -> dict[str, Any]:
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=logits.device)
-        am = torch.as_tensor(assistant_mask, device=logits.device)
-        st = token_stats(logits, ids)
-        depth = oracle_depths(st["mismatch"], st["ce"], st["entropy"], am, self.max_depth, self.metric)
-        lab = labelled_positions(am)
-        return {"depth": depth.to(torch.int8).cpu().numpy(), "ref_mismatch": st["mismatch"].to(torch.int8).cpu().numpy(),
-                "ref_ce": st["ce"].cpu().numpy(), "ref_entropy": st["entropy"].cpu().numpy(),
-                "num_labelled": int(lab.sum()), "num_hard": int((depth > 1).sum())}
+        """One sequence's labels from its logits (T, V) (the plain-loop reference path)."""
+        ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=logits.device)
+        return self._finish(token_stats(logits, ids), assistant_mask)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = [i for i, s in enumerate(batch["status"]) if not s]
         res: list[dict[str, Any] | None] = [None] * len(batch["status"])
-        if ok:
-            logits = self.logits([batch["input_ids"][i] for i in ok])
-            for i, lg in zip(ok, logits):
-                res[i] = self.label(batch["input_ids"][i], batch["assistant_mask"][i], lg)
+        seqs = [np.asarray(batch["input_ids"][i]) for i in ok]
+        for group in self.micro_batches(seqs):
+            logits, ids, lengths = self.forward(seqs, group)
+            st = batch_token_stats(logits, ids, lengths)  # whole micro-batch at once, logits still hot
+            for r, g in enumerate(group):
+                n = int(lengths[r])
+                res[ok[g]] = self._finish({k: v[r, :n] for k, v in st.items()}, batch["assistant_mask"][ok[g]])
         out = dict(batch)
         empty = {"depth": np.zeros(0, np.int8), "ref_mismatch": np.zeros(0, np.int8), "ref_ce": np.zeros(0, np.float32),
                  "ref_entropy": np.zeros(0, np.float32), "num_labelled": 0, "num_hard": 0}
