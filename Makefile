@@ -28,6 +28,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/attention.py
 	$(PY) bench/train_step.py
+	$(PY) bench/label_throughput.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -188,3 +188,15 @@ def test_shipped_task_is_checkable_and_disjoint():
                     exec(t, scope)  # noqa: S102
             else:
                 assert f"\\boxed{{{r['answer']}}}" in text
+
+
+def test_every_shipped_recipe_parses():
+    from tah.config import LabelConfig, load_config
+
+    kinds = {"label": LabelConfig}
+    recipes = sorted((ROOT / "jobs/configs").rglob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        kind = path.relative_to(ROOT / "jobs/configs").parts[0]
+        assert kind in kinds, f"no config class for recipe {path}"
+        load_config(kinds[kind], path)
