@@ -59,6 +59,7 @@ class PackedKV:
         self.v: list[dict[int, torch.Tensor]] = [{} for _ in range(num_layers)]
         self.pos: dict[int, torch.Tensor] = {}  # depth -> (B, T_d) long
         self.valid: dict[int, torch.Tensor] = {}  # depth -> (B, T_d) bool
+        self.seg: dict[int, torch.Tensor] = {}  # depth -> (B, T_d) sample id within a packed row
 
     def _full(self, x: torch.Tensor, rows: torch.Tensor | None, fill: float | bool = 0) -> torch.Tensor:
         """Rows-subset tensor -> full-batch tensor (out of place, so it stays differentiable)."""
@@ -69,16 +70,25 @@ class PackedKV:
 
     def begin_depth(self, depth: int, rows: torch.Tensor | None, q_pos: torch.Tensor,
                     q_valid: torch.Tensor, backend: str, counts: Counter,
-                    single_step: bool = False) -> "_PackedView":
-        """Register depth `depth`'s queries (rows' packed slots) and return the view for its layers."""
+                    single_step: bool = False, q_segment: torch.Tensor | None = None) -> "_PackedView":
+        """Register depth `depth`'s queries (rows' packed slots) and return the view for its layers.
+
+        q_segment (B_d, T_d): sample ids when several samples share a row (packing); attention
+        never crosses them.
+        """
         self.pos[depth] = self._full(q_pos, rows)
         self.valid[depth] = self._full(q_valid, rows, False)
         lo, hi = visible_depths(depth, self.depth_attention)
         sel = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
         k_pos = torch.cat([sel(self.pos[j]) for j in range(lo, hi + 1)], dim=1)
         k_valid = torch.cat([sel(self.valid[j]) for j in range(lo, hi + 1)], dim=1)
+        k_segment = None
+        if q_segment is not None:
+            self.seg[depth] = self._full(q_segment, rows, -1)
+            k_segment = torch.cat([sel(self.seg[j]) for j in range(lo, hi + 1)], dim=1)
         spec = DuoCausalSpec(q_pos=_query_pos(q_pos, q_valid), k_pos=k_pos, k_valid=k_valid,
-                             backend=backend, causal=(lo == hi == depth), counts=counts)
+                             backend=backend, causal=(lo == hi == depth), counts=counts,
+                             q_segment=q_segment, k_segment=k_segment)
         return _PackedView(self, depth, rows, spec, (lo, hi), sel)
 
 

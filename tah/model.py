@@ -120,14 +120,17 @@ class TaHForCausalLM(nn.Module):
         self.config = config
         backbone.config._attn_implementation = ATTN_IMPLEMENTATION
         num_layers = backbone.config.num_hidden_layers
-        self._peft: PeftModel | None = None
+        peft_model: PeftModel | None = None
         if config.max_depth >= 2:
             if lora_path is not None:
-                self._peft = PeftModel.from_pretrained(backbone, str(lora_path), is_trainable=True)
+                peft_model = PeftModel.from_pretrained(backbone, str(lora_path), is_trainable=True)
             else:
                 lc = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                                 target_modules=config.lora.target_modules, bias="none", task_type="CAUSAL_LM")
-                self._peft = get_peft_model(backbone, lc)  # standard init: B = 0
+                peft_model = get_peft_model(backbone, lc)  # standard init: B = 0
+        # Kept unregistered: the peft wrapper holds the same backbone, and registering it would put
+        # every tensor twice into state_dict (and into DeepSpeed's view of the model).
+        object.__setattr__(self, "_peft", peft_model)
         self.backbone = backbone
         # Flip the flag on a cached list: walking all modules per switch costs milliseconds per step.
         self._lora_layers = [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
@@ -200,12 +203,14 @@ class TaHForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _run_depth(self, depth: int, x: torch.Tensor, q_pos: torch.Tensor, layout: _Layout,
-                   store: PackedKV | TaHCache, keep: set[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                   store: PackedKV | TaHCache, keep: set[int],
+                   q_segment: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """One pass of the backbone's layers for depth `depth`'s packed tokens. x (B_d, T_d, H)."""
         self._set_lora(depth >= 2)
         inner = self.backbone.model
+        extra = {} if q_segment is None else {"q_segment": q_segment}
         view = store.begin_depth(depth, layout.rows, q_pos, layout.q_valid, self.config.attn_backend,
-                                 self.attention_paths, single_step=layout.T == 1)
+                                 self.attention_paths, single_step=layout.T == 1, **extra)
         pe = inner.rotary_emb(x, q_pos)
         saved: dict[int, torch.Tensor] = {0: x} if 0 in keep else {}
         h = x
@@ -223,7 +228,7 @@ class TaHForCausalLM(nn.Module):
                 depths: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: TaHCache | None = None,
                 threshold: float | None = None, return_decider_logits: bool = True,
-                return_logits: bool = True) -> TaHOutput:
+                return_logits: bool = True, segment_ids: torch.Tensor | None = None) -> TaHOutput:
         """Run every token to its depth: `depths` (B, T) forced (oracle), or chosen by the decider.
 
         input_ids (B, T); attention_mask (B, T) 1 = real token (left or right padding). Position ids
@@ -232,6 +237,8 @@ class TaHForCausalLM(nn.Module):
         return_logits=False (training with labels) skips assembling the (B, T, V) final logits: the
         loss is computed per depth on each token's deepest cumulative logits instead -- the same value,
         without two more (B*T, V) copies forward and backward. `.logits` is then None.
+        segment_ids (B, T): several samples packed in one row (ids constant within a sample): each
+        sample gets its own positions from 0, attention and loss targets never cross samples.
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -243,7 +250,14 @@ class TaHForCausalLM(nn.Module):
             bad = valid & ((depths < 1) | (depths > D))
             if bool(bad.any()):
                 raise ValueError(f"depths of real tokens must be in 1..{D}; got {depths[bad].unique().tolist()}")
-        if position_ids is None:
+        if segment_ids is not None:
+            if past_key_values is not None:
+                raise NotImplementedError("segment_ids (packing) is for cache-less forwards (training, scoring)")
+            if segment_ids.shape != (B, T):
+                raise ValueError(f"segment_ids must have shape {(B, T)}, got {tuple(segment_ids.shape)}")
+        if position_ids is None and segment_ids is not None:
+            position_ids = segment_positions(segment_ids, valid)
+        elif position_ids is None:
             base = past_key_values.seen_tokens[:, None] if past_key_values is not None else 0
             position_ids = (base + valid.long().cumsum(1) - 1).clamp_min(0)
         position_ids = position_ids.expand(B, T)
@@ -254,6 +268,7 @@ class TaHForCausalLM(nn.Module):
         keep = set(self.decider_layers) if need_decider else set()
         emb = self.backbone.get_input_embeddings()
         flat_ids, flat_pos = input_ids.reshape(-1), position_ids.reshape(-1)
+        flat_seg = segment_ids.reshape(-1) if segment_ids is not None else None
 
         flat = valid.reshape(-1).nonzero().squeeze(1)  # tokens running depth 1
         layouts: list[_Layout] = []
@@ -269,7 +284,8 @@ class TaHForCausalLM(nn.Module):
                 x = emb(lay.pack(flat_ids[flat]))  # (B_d, T_d, H)
             else:
                 x = lay.pack(soft_embedding(topk_vals, topk_ids, emb.weight))
-            h, saved = self._run_depth(d, x, q_pos, lay, store, keep)
+            q_seg = lay.pack(flat_seg[flat]) if flat_seg is not None else None
+            h, saved = self._run_depth(d, x, q_pos, lay, store, keep, q_seg)
             logits = lay.unpack(self.backbone.lm_head(h))  # (N_d, V)
             cum = logits if d == 1 else prev_cum + logits
             layouts.append(lay)
@@ -304,7 +320,7 @@ class TaHForCausalLM(nn.Module):
             decider_logits = decider_logits.view(B, T, D - 1)
         loss = None
         if labels is not None:
-            target = next_token_targets(labels, valid).reshape(-1)
+            target = next_token_targets(labels, valid, segment_ids).reshape(-1)
             n = (target != -100).sum().clamp_min(1)
             if logits is not None:
                 loss = F.cross_entropy(logits.reshape(B * T, -1).float(), target, ignore_index=-100, reduction="sum") / n
@@ -408,8 +424,20 @@ class TaHForCausalLM(nn.Module):
         return model
 
 
-def next_token_targets(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, T) target of each position: labels[t + 1], or -100 where t or t + 1 is padding.
+def segment_positions(segment_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids restarting at 0 for each packed sample (counting real tokens only)."""
+    c = valid.long().cumsum(1)  # real tokens up to and including t
+    start = torch.ones_like(valid)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    # Real tokens before each sample's first token, carried forward over the sample (non-decreasing).
+    before = torch.where(start, c - valid.long(), torch.zeros_like(c)).cummax(1).values
+    return (c - 1 - before).clamp_min(0)
+
+
+def next_token_targets(labels: torch.Tensor, valid: torch.Tensor,
+                       segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) target of each position: labels[t + 1], or -100 where t or t + 1 is padding (or where
+    t + 1 starts another packed sample).
 
     Masking the *source* position too matters with left padding: HF's loss scores the last pad
     position against the first real token. The loss is normalised once by the number of targets
@@ -418,6 +446,8 @@ def next_token_targets(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     labels = labels.masked_fill(~valid, -100)
     target = torch.full_like(labels, -100)
     target[:, :-1] = labels[:, 1:]
+    if segment_ids is not None:
+        target[:, :-1] = target[:, :-1].masked_fill(segment_ids[:, 1:] != segment_ids[:, :-1], -100)
     return target.masked_fill(~valid, -100)
 
 

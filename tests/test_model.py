@@ -198,3 +198,50 @@ def test_depthwise_loss_equals_loss_on_assembled_logits(max_depth):
     assert set(res[0][1]) == set(res[1][1])
     for n in res[0][1]:
         assert torch.allclose(res[0][1][n], res[1][1][n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("max_depth,backend", [(2, "sdpa"), (3, "sdpa"), (2, "reference")])
+def test_packed_samples_equal_unpacked(max_depth, backend):
+    """Three samples packed in one row (plus padding) give each sample's own logits, loss and gradients."""
+    g = torch.Generator().manual_seed(21)
+    lens = [5, 7, 4]
+    samples = [torch.randint(3, 300, (n,), generator=g) for n in lens]
+    depths = [random_depths(1, n, max_depth, 0.4, seed=30 + i)[0] for i, n in enumerate(lens)]
+    T = sum(lens) + 2
+    ids = torch.zeros(1, T, dtype=torch.long)
+    dep = torch.ones(1, T, dtype=torch.long)
+    seg = torch.full((1, T), 99, dtype=torch.long)
+    mask = torch.zeros(1, T, dtype=torch.long)
+    a = 0
+    for i, (s, d) in enumerate(zip(samples, depths)):
+        ids[0, a:a + len(s)], dep[0, a:a + len(s)], seg[0, a:a + len(s)], mask[0, a:a + len(s)] = s, d, i, 1
+        a += len(s)
+    model, _ = make(max_depth=max_depth, attn_backend=backend)
+    packed = model(ids, attention_mask=mask, depths=dep, segment_ids=seg, labels=ids, return_logits=True)
+    packed_paths = dict(model.attention_paths)
+    packed.loss.backward()
+    g_packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    a, total, n_tgt = 0, 0.0, 0
+    for s, d in zip(samples, depths):
+        alone = model(s[None], depths=d[None], labels=s[None])
+        assert (packed.logits[0, a:a + len(s)] - alone.logits[0]).abs().max() <= 1e-5
+        total = total + alone.loss * (len(s) - 1)
+        n_tgt += len(s) - 1
+        a += len(s)
+    mean = total / n_tgt
+    assert torch.allclose(packed.loss, mean, atol=1e-6)
+    mean.backward()
+    for n, gp in g_packed.items():
+        p = dict(model.named_parameters())[n]
+        assert torch.allclose(gp, p.grad, atol=1e-5, rtol=1e-4), n
+    assert "sdpa:is_causal" not in packed_paths  # packed rows never take the plain-causal path
+
+
+def test_state_dict_holds_each_tensor_once():
+    model, _ = make(max_depth=2)
+    keys = list(model.state_dict())
+    assert not any(k.startswith("_peft") for k in keys)
+    assert len(keys) == len(set(keys))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == sum(r["total"] for c, r in model.parameter_report().items() if c != "all")
