@@ -1,0 +1,1 @@
+"""Training library: batches from oracle labels, the two stages' losses (no Ray in here)."""
