@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import measure, run_isolated  # noqa: E402
+from common import measure, run_timed_and_measured  # noqa: E402
 
 
 def make_calls(T: int, hard: float, heads: int, kv_heads: int, dim: int, backend: str, grad: bool, dev: str):
@@ -84,12 +84,8 @@ def main() -> None:
     for T in args.seqlens:
         for grad in (False, True):
             backends = ["reference", "sdpa"] + (["flex"] if (not grad or dev == "cuda") else [])
-            res = {}
-            for b in backends:
-                wargs = ["--hard", str(args.hard), "--repeats", str(args.repeats), b, str(T), "1" if grad else "0"]
-                res[b] = run_isolated(__file__, wargs)
-                if dev == "cpu":
-                    res[b]["peak_mib"] = run_isolated(__file__, wargs, for_memory=True)["peak_mib"]
+            res = {b: run_timed_and_measured(__file__, ["--hard", str(args.hard), "--repeats", str(args.repeats), b,
+                                                        str(T), "1" if grad else "0"]) for b in backends}
             ref = res["reference"]
             for b in backends:
                 r = res[b]

@@ -61,3 +61,11 @@ def run_isolated(script: str, args: list[str], for_memory: bool = False) -> dict
     if out.returncode != 0:
         raise RuntimeError(f"{script} {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_timed_and_measured(script: str, args: list[str]) -> dict:
+    """Seconds from a normal worker process and, on CPU, peak memory from a second one (see above)."""
+    res = run_isolated(script, args)
+    if not torch.cuda.is_available():
+        res["peak_mib"] = run_isolated(script, args, for_memory=True)["peak_mib"]
+    return res

@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import measure, run_isolated  # noqa: E402
+from common import measure, run_timed_and_measured  # noqa: E402
 
 METHODS = ("standard", "tah", "always_think")
 
@@ -77,12 +77,8 @@ def main() -> None:
     print("| T | method | s/step | peak MiB | time / Standard | memory / Standard |")
     print("|---|---|---|---|---|---|")
     for T in args.seqlens:
-        res = {}
-        for m in METHODS:
-            wargs = ["--hard", str(args.hard), "--repeats", str(args.repeats), "--size", args.size, m, str(T)]
-            res[m] = run_isolated(__file__, wargs)
-            if dev == "cpu":
-                res[m]["peak_mib"] = run_isolated(__file__, wargs, for_memory=True)["peak_mib"]
+        res = {m: run_timed_and_measured(__file__, ["--hard", str(args.hard), "--repeats", str(args.repeats),
+                                                    "--size", args.size, m, str(T)]) for m in METHODS}
         base = res["standard"]
         for m in METHODS:
             r = res[m]

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from . import storage
 from .attention import ATTN_IMPLEMENTATION
 from .cache import PackedKV, TaHCache
 from .config import TaHConfig
@@ -367,8 +368,14 @@ class TaHForCausalLM(nn.Module):
         """Write an HF-loadable backbone, the peft adapter, the decider and tah_config.json atomically.
 
         The directory is written under a temporary name and renamed into place, so a crash never
-        leaves a half-written checkpoint where a complete one is expected.
+        leaves a half-written checkpoint where a complete one is expected. An s3:// target is written
+        locally first, then uploaded with tah_config.json last (a reader checks for it first).
         """
+        if storage.is_s3(save_directory):
+            with tempfile.TemporaryDirectory() as tmp:
+                self.save_pretrained(Path(tmp) / "ckpt", tokenizer)
+                storage.upload_dir(Path(tmp) / "ckpt", str(save_directory), last=TAH_CONFIG_NAME)
+            return
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -400,8 +407,11 @@ class TaHForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, **overrides: Any) -> "TaHForCausalLM":
-        """Load a directory written by `save_pretrained` (overrides: TaHConfig fields, e.g. threshold)."""
-        path = Path(path)
+        """Load a directory (or s3:// prefix) written by `save_pretrained`; overrides: TaHConfig
+        fields, e.g. threshold=0.8."""
+        if storage.is_s3(path) and not storage.exists(storage.join(str(path), TAH_CONFIG_NAME)):
+            raise FileNotFoundError(f"{path} is not a TaH checkpoint (no {TAH_CONFIG_NAME})")
+        path = Path(storage.local_copy(str(path)))
         if not (path / TAH_CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} is not a TaH checkpoint (no {TAH_CONFIG_NAME})")
         config = TaHConfig.load_json(path / TAH_CONFIG_NAME)

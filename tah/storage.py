@@ -135,13 +135,14 @@ def download_dir(uri: str, local: str | Path) -> Path:
     return local
 
 
-def upload_dir(local: str | Path, uri: str) -> None:
-    """Copy a local directory to an s3:// prefix."""
+def upload_dir(local: str | Path, uri: str, last: str | None = None) -> None:
+    """Copy a local directory to an s3:// prefix; the file named `last` (a completeness marker such
+    as a config that readers look for first) is uploaded after all the others."""
     bucket, prefix = split_s3(uri)
     client = s3_client()
-    for p in sorted(Path(local).rglob("*")):
-        if p.is_file():
-            client.upload_file(str(p), bucket, "/".join(x for x in (prefix.rstrip("/"), p.relative_to(local).as_posix()) if x))
+    files = sorted((p for p in Path(local).rglob("*") if p.is_file()), key=lambda p: p.name == last)
+    for p in files:
+        client.upload_file(str(p), bucket, "/".join(x for x in (prefix.rstrip("/"), p.relative_to(local).as_posix()) if x))
 
 
 def local_copy(uri: str | Path, cache_dir: str | Path | None = None) -> str:

@@ -161,3 +161,23 @@ def test_pruned_backbone_saves_and_wraps(tmp_path):
     loaded = TaHForCausalLM.from_pretrained(tmp_path / "p")
     assert loaded.backbone.config.num_hidden_layers == 3
     assert set(backbone_state_dict(loaded.backbone)) == set(backbone_state_dict(model.backbone))
+
+
+def test_save_and_load_through_s3(s3_server, tmp_path, monkeypatch):
+    """Checkpoint to an S3-compatible server on 127.0.0.1, then from_pretrained from the s3:// URI."""
+    from tah import storage
+
+    monkeypatch.setenv("TAH_CACHE", str(tmp_path / "cache"))
+    storage.s3_client().create_bucket(Bucket="ckpt")
+    model, _ = make(max_depth=2)
+    model.save_pretrained("s3://ckpt/runs/a")
+    assert storage.exists("s3://ckpt/runs/a/tah_config.json") and storage.exists("s3://ckpt/runs/a/lora/adapter_model.safetensors")
+    loaded = TaHForCausalLM.from_pretrained("s3://ckpt/runs/a")
+    ids, mask = batch(B=2, T=9)
+    depths = random_depths(2, 9, 2, hard_fraction=0.4, seed=3)
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask, depths=depths).logits
+        b = loaded(ids, attention_mask=mask, depths=depths).logits
+    assert torch.equal(a[mask.bool()], b[mask.bool()])
+    with pytest.raises(FileNotFoundError, match="not a TaH checkpoint"):
+        TaHForCausalLM.from_pretrained("s3://ckpt/runs/missing")
