@@ -269,3 +269,68 @@ class LabelConfig:
         for k in ("output", "shards_per_wave", "num_actors", "batch_size", "use_gpu"):
             d.pop(k)
         return d
+
+
+@dataclass
+class TrainConfig:
+    """jobs/train.py: one training method on oracle-labelled data (Standard, AlwaysThink, TaH, TaH+)."""
+
+    method: str = "tah"
+    """standard | always_think | tah (stage 1 under oracle depths, then stage 2: the decider)."""
+    prune: bool = False
+    """TaH (one layer pruned first, chosen by the smallest perplexity increase) vs TaH+ (unpruned)."""
+    base_model: str = ""
+    """The backbone to start from: local dir, hub id or s3:// checkpoint."""
+    labels: str = "runs/tiny/labels"
+    """Output of jobs/label.py (local dir or s3://)."""
+    storage_path: str = "runs/tiny/train"
+    """Ray Train storage (local dir or s3://bucket/prefix): checkpoints and the final model."""
+    name: str = "tah"
+    """Run name; re-running with the same name resumes from its latest checkpoint."""
+    model: TaHConfig = field(default_factory=TaHConfig)
+    num_workers: int = 2
+    use_gpu: bool = False
+    zero_stage: int = 2
+    bf16: bool = False
+    """bf16 on GPU; CPU runs fp32."""
+    lr: float = 4e-5
+    stage2_lr: float = 3e-5
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.2
+    epochs: float = 5.0
+    stage2_epochs: float = 2.0
+    max_steps: int | None = None
+    """Stop each stage after this many optimizer steps (smoke runs)."""
+    global_batch: int = 128
+    """Sequences per optimizer step across all workers."""
+    micro_batch: int = 4
+    """Sequences per forward/backward per worker (gradient accumulation makes up the rest)."""
+    max_length: int = 8192
+    eval_every: int = 50
+    """Optimizer steps between validation losses (and checkpoints)."""
+    checkpoint_every: int = 50
+    seed: int = 0
+    metric: str = "mismatch"
+    """Oracle metric used to derive depths from the stored reference statistics."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("standard", "always_think", "tah"):
+            raise ValueError(f"method must be standard | always_think | tah, got {self.method!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError("zero_stage must be 0..3")
+        if self.num_workers < 1 or self.micro_batch < 1 or self.global_batch < 1:
+            raise ValueError("num_workers, micro_batch and global_batch must be >= 1")
+        if self.global_batch % (self.micro_batch * self.num_workers):
+            raise ValueError(f"global_batch {self.global_batch} must be a multiple of micro_batch x num_workers "
+                             f"({self.micro_batch} x {self.num_workers})")
+        if self.method == "standard" and self.model.max_depth != 1:
+            self.model = dataclasses.replace(self.model, max_depth=1)
+        if self.method == "always_think" and self.model.depth_attention != "current":
+            # AlwaysThink attends causally within each depth (paper, appendix A.1).
+            self.model = dataclasses.replace(self.model, depth_attention="current")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.micro_batch * self.num_workers)

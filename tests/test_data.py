@@ -191,9 +191,9 @@ def test_shipped_task_is_checkable_and_disjoint():
 
 
 def test_every_shipped_recipe_parses():
-    from tah.config import LabelConfig, load_config
+    from tah.config import LabelConfig, TrainConfig, load_config
 
-    kinds = {"label": LabelConfig}
+    kinds = {"label": LabelConfig, "train": TrainConfig}
     recipes = sorted((ROOT / "jobs/configs").rglob("*.yaml"))
     assert recipes
     for path in recipes:

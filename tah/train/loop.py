@@ -1,0 +1,211 @@
+"""The per-worker training loop: DeepSpeed engine, accumulation, clipping, cosine schedule, validation.
+
+Written for one worker of a data-parallel group (torch.distributed already initialised, gloo on
+CPU or nccl on GPU); jobs/train.py runs it inside Ray Train and passes the Ray-specific pieces in as
+`Hooks` (report metrics + a checkpoint directory, the checkpoint to resume from). Each worker takes
+every world-size-th sample of a deterministic order, so a resumed run sees the same batches.
+
+Stages: "standard" / "stage1" (LM loss at the given depths; backbone + LoRA train) and "stage2"
+(decider BCE on the frozen backbone, pos_weight counted from the data).
+
+    (run through jobs/train.py; tests/test_train_job.py runs it on 2 CPU workers)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..config import TrainConfig
+from ..model import TaHForCausalLM
+from .batching import collate
+from .losses import decider_loss, pos_weight_from_depths
+
+STATE_NAME = "trainer_state.json"
+MODEL_DIR = "model"
+# Test hook: raise once (per marker file) right after the checkpoint of this step, as a crash would.
+FAIL_AFTER_STEP = "TAH_TRAIN_FAIL_AFTER_STEP"
+
+
+@dataclass
+class Hooks:
+    """What the loop needs from its runner."""
+
+    report: Callable[[dict[str, float], str | None], None]
+    """(metrics, directory holding this worker's checkpoint files or None); called by every worker."""
+    resume_dir: str | None = None
+    """A checkpoint directory from an earlier attempt of this stage, or None."""
+    log_dir: str | None = None
+    """Where rank 0 writes TensorBoard scalars (None: no TensorBoard)."""
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine down to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bool(cfg.bf16)},
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no fused/CPU-Adam op to compile
+        "steps_per_print": 10**9,
+    }
+
+
+def _maybe_fail(step: int) -> None:
+    """The crash of the resume test: once, after the checkpoint of step N has been reported."""
+    spec = os.environ.get(FAIL_AFTER_STEP)
+    if not spec:
+        return
+    at, marker = spec.split(":", 1)
+    if step == int(at) and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError(f"{FAIL_AFTER_STEP}: simulated crash after step {step}")
+
+
+def _micro_batches(rows: list[dict[str, Any]], cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    """This epoch's micro-batches (indices into rows): shuffled by seed + epoch, similar lengths together."""
+    order = list(range(len(rows)))
+    random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+    window = cfg.micro_batch * 16
+    batches = []
+    for w in range(0, len(order), window):  # sort within windows so an epoch still mixes
+        chunk = sorted(order[w:w + window], key=lambda i: len(rows[i]["input_ids"]))
+        batches += [chunk[i:i + cfg.micro_batch] for i in range(0, len(chunk) - cfg.micro_batch + 1, cfg.micro_batch)]
+    random.Random(cfg.seed * 1000 + epoch + 1).shuffle(batches)
+    return batches
+
+
+def _batch(rows: list[dict[str, Any]], idx: list[int], cfg: TrainConfig, method: str, device: torch.device):
+    b = collate([rows[i] for i in idx], method, cfg.model.max_depth, cfg.metric)
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
+              cfg: TrainConfig, hooks: Hooks, rank: int, world: int, device: torch.device) -> dict[str, float]:
+    """Train one stage on this worker's share of the rows; returns the last metrics."""
+    import deepspeed
+
+    method = "tah" if stage == "stage2" else cfg.method
+    model.set_trainable({"standard": "standard", "stage1": "stage1", "stage2": "stage2"}[stage])
+    model.to(device)
+    mine = train_rows[rank::world][: len(train_rows) // world]  # equal counts: collectives need them
+    val_mine = val_rows[rank::world][: max(len(val_rows) // world, 0)]
+    per_epoch = len(mine) // cfg.micro_batch // cfg.grad_accum
+    if per_epoch == 0:
+        raise ValueError(f"{len(train_rows)} samples are too few for global_batch={cfg.global_batch}")
+    epochs = cfg.stage2_epochs if stage == "stage2" else cfg.epochs
+    total = max(1, int(per_epoch * epochs))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    lr = cfg.stage2_lr if stage == "stage2" else cfg.lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, world))
+    pos_weight = None
+    if stage == "stage2":  # counted over all training rows, identical on every worker
+        b = collate(train_rows, "tah", cfg.model.max_depth, cfg.metric)
+        pos_weight = pos_weight_from_depths(b["depths"], b["positions"], cfg.model.max_depth)
+
+    step = 0
+    if hooks.resume_dir is not None:
+        from safetensors.torch import load_file
+
+        engine.load_checkpoint(hooks.resume_dir, tag="ds")
+        step = json.loads(open(os.path.join(hooks.resume_dir, STATE_NAME)).read())["step"]
+        # Dropout draws continue exactly where the interrupted run stopped.
+        torch.set_rng_state(load_file(os.path.join(hooks.resume_dir, f"rng-rank{rank}.safetensors"))["cpu"])
+    writer, jsonl = None, None
+    if hooks.log_dir and rank == 0:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(hooks.log_dir, stage))
+        jsonl = os.path.join(hooks.log_dir, stage, "metrics.jsonl")
+
+    def forward(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if stage == "stage2":
+            out = engine(b["input_ids"], attention_mask=b["attention_mask"], depths=b["depths"], return_logits=False)
+            return decider_loss(out.decider_logits, b["depths"], b["positions"], pos_weight)
+        out = engine(b["input_ids"], attention_mask=b["attention_mask"], depths=b["depths"], labels=b["labels"],
+                     return_decider_logits=False, return_logits=False)
+        return out.loss, {}
+
+    def validate() -> float:
+        engine.eval()
+        tot = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(0, len(val_mine), cfg.micro_batch):
+                loss, _ = forward(_batch(val_mine, list(range(i, min(i + cfg.micro_batch, len(val_mine)))), cfg,
+                                         method, device))
+                tot += torch.tensor([float(loss), 1.0], dtype=torch.float64)
+        torch.distributed.all_reduce(tot)
+        engine.train()
+        return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
+
+    metrics: dict[str, float] = {}
+    engine.train()
+    t0, tokens, hard, seen = time.time(), 0, 0, 0
+    while step < total:
+        epoch, in_epoch = divmod(step, per_epoch)
+        batches = _micro_batches(mine, cfg, epoch)[in_epoch * cfg.grad_accum:]
+        for m, idx in enumerate(batches[: (per_epoch - in_epoch) * cfg.grad_accum]):
+            b = _batch(mine, idx, cfg, method, device)
+            loss, extra = forward(b)
+            engine.backward(loss)
+            engine.step()
+            tokens += int(b["attention_mask"].sum())
+            seen += int(b["positions"].sum())
+            hard += int(((b["depths"] > 1) & b["positions"]).sum())
+            if (m + 1) % cfg.grad_accum:
+                continue
+            step += 1
+            metrics = {"stage": {"standard": 0, "stage1": 1, "stage2": 2}[stage], "step": step, "loss": float(loss),
+                       "lr": sched.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "tokens_per_s": tokens / max(time.time() - t0, 1e-9), "share_depth2": hard / max(seen, 1),
+                       **{f"decider_{k}": v for k, v in extra.items()}}
+            last = step == total
+            if step % cfg.eval_every == 0 or last:
+                metrics["val_loss"] = validate()
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"{stage}/{k}", v, step)
+                with open(jsonl, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if step % cfg.checkpoint_every == 0 or last:
+                from safetensors.torch import save_file
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    engine.save_checkpoint(tmp, tag="ds")  # collective: every rank writes its shard
+                    save_file({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
+                    if rank == 0:
+                        with open(os.path.join(tmp, STATE_NAME), "w") as f:
+                            json.dump({"step": step, "stage": stage}, f)
+                        model.save_pretrained(os.path.join(tmp, MODEL_DIR))
+                    hooks.report(metrics, tmp)
+                _maybe_fail(step)
+            else:
+                hooks.report(metrics, None)
+            if last:
+                break
+    if writer is not None:
+        writer.close()
+    return metrics

@@ -1,0 +1,114 @@
+"""jobs/train.py on local Ray: 2 CPU workers, DeepSpeed ZeRO-2 over gloo, the shipped task's labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tah import TaHForCausalLM
+from tah.config import LabelConfig, TrainConfig, from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = {"lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "decider": {"width": 32, "blocks": 1, "dropout": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import ray
+
+    from jobs.common import init_ray
+    from jobs.label import run as label
+    from tah.data.labeling import load_tokenizer
+    from tah.testing import tiny_qwen3
+
+    root = tmp_path_factory.mktemp("train")
+    tok = load_tokenizer(str(ROOT / "data/tinytask/tokenizer"))
+    # A "reference" that is right more often than chance, so that hard and easy tokens both occur.
+    tiny_qwen3(vocab_size=len(tok), seed=1, initializer_range=0.02).save_pretrained(root / "base")
+    init_ray(num_cpus=2)
+    label(LabelConfig(reference_model=str(root / "base"), source=str(ROOT / "data/tinytask"),
+                      tokenizer=str(ROOT / "data/tinytask/tokenizer"), output=str(root / "labels"),
+                      samples_per_domain=24, num_shards=2, validation_fraction=0.1))
+    yield root
+    ray.shutdown()
+
+
+def _cfg(root: Path, name: str, **kw) -> TrainConfig:
+    base = dict(base_model=str(root / "base"), labels=str(root / "labels"), storage_path=str(root / "runs"),
+                name=name, num_workers=2, zero_stage=2, global_batch=8, micro_batch=2, max_steps=4, lr=3e-3,
+                stage2_lr=3e-3, eval_every=2, checkpoint_every=2, model=MODEL)
+    return from_dict(TrainConfig, {**base, **kw})
+
+
+def _losses(root: Path, name: str, stage: str) -> list[float]:
+    path = root / "runs" / name / "tensorboard" / stage / "metrics.jsonl"
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    out = {f"backbone.{k}": v for k, v in load_file(path / "model.safetensors").items()}
+    if (path / "lora").exists():
+        out.update({f"lora.{k}": v for k, v in load_file(path / "lora/adapter_model.safetensors").items()})
+    if (path / "decider.safetensors").exists():
+        out.update({f"decider.{k}": v for k, v in load_file(path / "decider.safetensors").items()})
+    return out
+
+
+def test_tah_stages_train_what_they_should(setup):
+    from jobs.train import run
+
+    root = setup
+    cfg = _cfg(root, "tah", method="tah")
+    out = run(cfg)
+    s1, s2 = Path(out["stage1"]), Path(out["stage2"])
+    l1, l2 = _losses(root, "tah", "stage1"), _losses(root, "tah", "stage2")
+    assert len(l1) == 4 and l1[-1] < l1[0]
+    assert len(l2) == 4 and l2[-1] < l2[0]
+    # What stage 1 started from: the same seeded construction as the workers'.
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    init = TaHForCausalLM.from_backbone(AutoModelForCausalLM.from_pretrained(root / "base"), cfg.model)
+    init.save_pretrained(root / "init")
+    w0, w1, w2 = _weights(root / "init"), _weights(s1), _weights(s2)
+    changed1 = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert any(k.startswith("backbone.") for k in changed1) and any(k.startswith("lora.") for k in changed1)
+    assert not any(k.startswith("decider.") for k in changed1)
+    changed2 = {k for k in w1 if not torch.equal(w1[k], w2[k])}
+    assert changed2 and all(k.startswith("decider.") for k in changed2)
+    loaded = TaHForCausalLM.from_pretrained(s2)  # the final checkpoint loads and runs
+    assert loaded(torch.tensor([[1, 2, 3]])).logits.shape[-1] == loaded.backbone.config.vocab_size
+    # Re-running the finished command does no work.
+    assert run(cfg) == out
+
+
+@pytest.mark.parametrize("method", ["standard", "always_think"])
+def test_baselines_share_the_code_path(setup, method):
+    from jobs.train import run
+
+    root = setup
+    out = run(_cfg(root, method, method=method))
+    losses = _losses(root, method, "standard" if method == "standard" else "stage1")
+    assert losses[-1] < losses[0]
+    m = TaHForCausalLM.from_pretrained(next(iter(out.values())))
+    assert m.config.max_depth == (1 if method == "standard" else 2)
+    assert method == "standard" or m.config.depth_attention == "current"
+
+
+def test_crash_and_resume_equals_uninterrupted(setup, monkeypatch):
+    from jobs.train import run
+    from tah.train.loop import FAIL_AFTER_STEP
+
+    root = setup
+    a = run(_cfg(root, "resume-a", method="always_think"))
+    monkeypatch.setenv(FAIL_AFTER_STEP, f"2:{root / 'crashed-once'}")
+    b = run(_cfg(root, "resume-b", method="always_think"))
+    assert (root / "crashed-once").exists()  # the worker really died after the step-2 checkpoint
+    wa, wb = _weights(Path(a["stage1"])), _weights(Path(b["stage1"]))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    assert _losses(root, "resume-a", "stage1")[-1] == pytest.approx(_losses(root, "resume-b", "stage1")[-1], abs=1e-6)
