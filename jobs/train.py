@@ -6,7 +6,9 @@
 Each stage is one TorchTrainer run named `<name>-<stage>` under `storage_path`; re-running the same
 command resumes each unfinished stage from its latest checkpoint (DeepSpeed states included) and
 skips finished ones. The final model of each stage is the TaH checkpoint in `<stage>/model`.
-Status: the pruning step (TaH vs TaH+), S3 end-to-end and the resume test are still open (issue #4).
+With `prune=true` (TaH rather than TaH+) the job first scores every decoder layer by the perplexity
+increase its removal causes on calibration samples (Ray tasks, layers split between them), removes
+the smallest, and trains from that backbone (`<name>/pruned-base`, with `pruning.json`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,61 @@ def train_loop_per_worker(config: dict) -> None:
         run_stage(model, stage, train, val, cfg, hooks, rank, world, ray.train.torch.get_device())
 
 
+def score_layers(base_model: str, labels: str, layers: list[int], n_calib: int, max_length: int) -> dict[int, float]:
+    """Perplexity increase of removing each of `layers` on the first validation samples (one Ray task)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tah import storage
+    from tah.data.labeling import read_labels
+    from tah.prune import layer_ppl_deltas
+
+    model = AutoModelForCausalLM.from_pretrained(storage.local_copy(base_model), dtype=torch.float32).eval()
+    rows = sorted((r for r in read_labels(labels).to_pylist() if r["is_validation"]), key=lambda r: r["sample_id"])
+    rows = [r for r in rows if len(r["input_ids"]) <= max_length][:n_calib]
+    if not rows:
+        raise SystemExit(f"no validation samples in {labels} to calibrate pruning on")
+    batches = [(torch.tensor([r["input_ids"]]), torch.ones(1, len(r["input_ids"]), dtype=torch.long)) for r in rows]
+    return layer_ppl_deltas(model, batches, layers)
+
+
+def prune_base(cfg, n_calib: int = 16) -> str:
+    """Score every layer with parallel Ray tasks, remove the cheapest; returns the pruned base model."""
+    import json
+
+    import ray
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tah import storage
+    from tah.prune import prune_layer
+
+    out = storage.join(cfg.storage_path, cfg.name, "pruned-base")
+    if storage.exists(storage.join(out, "pruning.json")):
+        return out
+    n = AutoConfig.from_pretrained(storage.local_copy(cfg.base_model)).num_hidden_layers
+    parts = [list(range(n))[i::cfg.num_workers] for i in range(min(cfg.num_workers, n))]
+    task = ray.remote(num_cpus=1)(score_layers)
+    deltas: dict[int, float] = {}
+    for d in ray.get([task.remote(cfg.base_model, cfg.labels, p, n_calib, cfg.max_length) for p in parts]):
+        deltas.update(d)
+    layer = min(deltas, key=deltas.get)
+    pruned = prune_layer(AutoModelForCausalLM.from_pretrained(storage.local_copy(cfg.base_model)), layer, inplace=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned.save_pretrained(tmp)
+        report = {"pruned_layer": layer, "ppl_increase": {str(k): v for k, v in sorted(deltas.items())}}
+        Path(tmp, "pruning.json").write_text(json.dumps(report, indent=2))
+        if storage.is_s3(out):
+            storage.upload_dir(tmp, out, last="pruning.json")
+        else:
+            import shutil
+
+            shutil.copytree(tmp, out, dirs_exist_ok=True)
+    print(f"[train] pruned layer {layer} of {n} (smallest perplexity increase {deltas[layer]:.4f}) -> {out}", flush=True)
+    return out
+
+
 def run(cfg) -> dict[str, str]:
     """Train every stage of cfg.method; returns {stage: path of its final TaH checkpoint}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -76,10 +133,8 @@ def run(cfg) -> dict[str, str]:
 
     if not cfg.base_model:
         raise SystemExit("base_model is required (a local dir, hub id or s3:// checkpoint)")
-    if cfg.prune:
-        raise SystemExit("prune=true (TaH with a pruned layer) is not implemented yet; use prune=false (TaH+)")
     out: dict[str, str] = {}
-    init = cfg.base_model
+    init = prune_base(cfg) if cfg.prune else cfg.base_model
     for stage in STAGES[cfg.method]:
         final = storage.join(cfg.storage_path, cfg.name, stage, MODEL_DIR)
         if storage.exists(storage.join(final, "tah_config.json")):
@@ -95,19 +150,23 @@ def run(cfg) -> dict[str, str]:
                 run_config=RunConfig(name=f"{cfg.name}-{stage}", storage_path=str(Path(cfg.storage_path).resolve())
                                      if not storage.is_s3(cfg.storage_path) else cfg.storage_path,
                                      failure_config=FailureConfig(max_failures=2),
-                                     checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
+                                                                        checkpoint_score_order="min")),
             )
             result = trainer.fit()
-            if result.checkpoint is None:
+            if not result.best_checkpoints:
                 raise RuntimeError(f"{stage} finished without a checkpoint")
-            with result.checkpoint.as_directory() as d:
+            # The stage's model is its best checkpoint by validation loss, not merely the last one.
+            best, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))
+            with best.as_directory() as d:
                 if storage.is_s3(final):
                     storage.upload_dir(Path(d) / MODEL_DIR, final, last="tah_config.json")
                 else:
                     import shutil
 
                     shutil.copytree(Path(d) / MODEL_DIR, final, dirs_exist_ok=True)
-            print(f"[train] {stage}: done, last metrics {result.metrics} -> {final}", flush=True)
+            print(f"[train] {stage}: done, best val_loss {best_metrics.get('val_loss')} at step "
+                  f"{best_metrics.get('step')} -> {final}", flush=True)
         out[stage] = final
         init = final
     return out

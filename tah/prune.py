@@ -30,11 +30,7 @@ def prune_layer(backbone: PreTrainedModel, index: int, inplace: bool = False) ->
         backbone = copy.deepcopy(backbone)
         layers = backbone.model.layers
     del layers[index]
-    for i, layer in enumerate(layers):
-        # The KV cache is indexed by layer_idx; keep it dense after the removal.
-        for mod in layer.modules():
-            if hasattr(mod, "layer_idx"):
-                mod.layer_idx = i
+    _renumber(layers)
     cfg = backbone.config
     cfg.num_hidden_layers = n - 1
     if getattr(cfg, "layer_types", None) is not None:
@@ -42,11 +38,63 @@ def prune_layer(backbone: PreTrainedModel, index: int, inplace: bool = False) ->
     return backbone
 
 
+def _renumber(layers) -> None:
+    """KV caches are indexed by layer_idx: keep the indices dense after a removal."""
+    for i, layer in enumerate(layers):
+        for mod in layer.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = i
+
+
 @torch.no_grad()
 def perplexity(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> float:
     """Token-level perplexity of an HF causal LM on a batch (pads excluded)."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
     target = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
     return float(torch.exp(nll))
+
+
+class without_layer:
+    """Context manager: the model runs with decoder layer `index` taken out (restored on exit).
+
+    Cheaper than `prune_layer`'s deep copy when scoring every layer of a large model in turn.
+    """
+
+    def __init__(self, model: PreTrainedModel, index: int) -> None:
+        self.model, self.index = model, index
+
+    def __enter__(self) -> PreTrainedModel:
+        layers = self.model.model.layers
+        self.saved = (list(layers), self.model.config.num_hidden_layers, getattr(self.model.config, "layer_types", None))
+        kept = [l for i, l in enumerate(self.saved[0]) if i != self.index]
+        _renumber(kept)
+        self.model.model.layers = torch.nn.ModuleList(kept)
+        self.model.config.num_hidden_layers = len(kept)
+        if self.saved[2] is not None:
+            self.model.config.layer_types = [t for i, t in enumerate(self.saved[2]) if i != self.index]
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        _renumber(self.saved[0])
+        self.model.model.layers = torch.nn.ModuleList(self.saved[0])
+        self.model.config.num_hidden_layers = self.saved[1]
+        if self.saved[2] is not None:
+            self.model.config.layer_types = self.saved[2]
+
+
+@torch.no_grad()
+def layer_ppl_deltas(model: PreTrainedModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     layers: list[int] | None = None) -> dict[int, float]:
+    """{layer: perplexity without it - perplexity of the full model} on calibration batches
+    (input_ids, attention_mask). The layer to prune is the one with the smallest increase."""
+    def ppl() -> float:
+        return float(sum(perplexity(model, ids, mask) for ids, mask in batches) / len(batches))
+
+    base = ppl()
+    out = {}
+    for i in layers if layers is not None else range(model.config.num_hidden_layers):
+        with without_layer(model, i):
+            out[i] = ppl() - base
+    return out

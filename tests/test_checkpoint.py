@@ -181,3 +181,30 @@ def test_save_and_load_through_s3(s3_server, tmp_path, monkeypatch):
     assert torch.equal(a[mask.bool()], b[mask.bool()])
     with pytest.raises(FileNotFoundError, match="not a TaH checkpoint"):
         TaHForCausalLM.from_pretrained("s3://ckpt/runs/missing")
+
+
+def test_pruning_picks_the_layer_that_contributes_nothing():
+    """Train a tiny model to memorise text while layer 2 writes nothing to the residual stream; then
+    removing layer 2 costs exactly 0 perplexity and removing any other layer costs some."""
+    from tah.prune import layer_ppl_deltas
+
+    model = tiny_qwen3(num_layers=4, seed=5).train()
+    dead = model.model.layers[2]
+    for lin in (dead.self_attn.o_proj, dead.mlp.down_proj):
+        torch.nn.init.zeros_(lin.weight)
+        lin.weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (4, 24), generator=g)
+    mask = torch.ones_like(ids)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    deltas = layer_ppl_deltas(model, [(ids, mask)])
+    assert abs(deltas[2]) < 1e-4
+    assert min(v for k, v in deltas.items() if k != 2) > 0.01
+    assert min(deltas, key=deltas.get) == 2
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4  # restored

@@ -112,3 +112,15 @@ def test_crash_and_resume_equals_uninterrupted(setup, monkeypatch):
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
     assert _losses(root, "resume-a", "stage1")[-1] == pytest.approx(_losses(root, "resume-b", "stage1")[-1], abs=1e-6)
+
+
+def test_pruned_run_trains_one_layer_less(setup):
+    from jobs.train import run
+
+    root = setup
+    out = run(_cfg(root, "pruned", method="always_think", prune=True, max_steps=2))
+    report = json.loads((root / "runs/pruned/pruned-base/pruning.json").read_text())
+    deltas = {int(k): v for k, v in report["ppl_increase"].items()}
+    assert sorted(deltas) == [0, 1, 2, 3] and report["pruned_layer"] == min(deltas, key=deltas.get)
+    m = TaHForCausalLM.from_pretrained(out["stage1"])
+    assert m.backbone.config.num_hidden_layers == 3

@@ -183,14 +183,18 @@ def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]
                        "tokens_per_s": tokens / max(time.time() - t0, 1e-9), "share_depth2": hard / max(seen, 1),
                        **{f"decider_{k}": v for k, v in extra.items()}}
             last = step == total
-            if step % cfg.eval_every == 0 or last:
+            checkpoint = step % cfg.checkpoint_every == 0 or last
+            if step % cfg.eval_every == 0 or checkpoint:  # every checkpoint carries its val loss
                 metrics["val_loss"] = validate()
+            if rank == 0 and "val_loss" in metrics:
+                print(f"[{stage}] step {step}/{total} loss {metrics['loss']:.4f} val {metrics['val_loss']:.4f} "
+                      f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
             if writer is not None:
                 for k, v in metrics.items():
                     writer.add_scalar(f"{stage}/{k}", v, step)
                 with open(jsonl, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-            if step % cfg.checkpoint_every == 0 or last:
+            if checkpoint:
                 from safetensors.torch import save_file
 
                 with tempfile.TemporaryDirectory() as tmp:
