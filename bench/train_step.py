@@ -6,6 +6,7 @@ each depth. Forward + backward, fp32 on CPU (bf16 on CUDA). Prints time and peak
 
     python bench/train_step.py                      # T = 512 and 2048
     python bench/train_step.py --seqlens 512 --hard 0.15 --repeats 3
+    python bench/train_step.py --labels runs/tiny/labels   # TaH at the labelled hard ratio (manifest.json)
 """
 
 from __future__ import annotations
@@ -63,26 +64,32 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlens", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--hard", type=float, default=0.15)
+    ap.add_argument("--labels", help="a jobs/label.py output: use its measured hard ratio instead of --hard")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", default="small", choices=["small", "medium"])
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("rest", nargs="*")
     args = ap.parse_args()
+    if args.labels and not args.worker:
+        from tah import storage
+
+        args.hard = json.loads(storage.read_bytes(storage.join(args.labels, "manifest.json")))["hard_ratio"]
     if args.worker:
         method, seqlen = args.rest[0], int(args.rest[1])
         print(json.dumps(worker(method, seqlen, args.hard, args.repeats, args.size)))
         return
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"# train step (fwd+bwd), {args.size} Qwen3, batch 1, device {dev}, TaH hard share {args.hard}")
-    print("| T | method | s/step | peak MiB | time / Standard | memory / Standard |")
-    print("|---|---|---|---|---|---|")
+    print("| T | method | s/step | tokens/s | peak MiB | time / Standard | memory / Standard |")
+    print("|---|---|---|---|---|---|---|")
     for T in args.seqlens:
         res = {m: run_timed_and_measured(__file__, ["--hard", str(args.hard), "--repeats", str(args.repeats),
                                                     "--size", args.size, m, str(T)]) for m in METHODS}
         base = res["standard"]
         for m in METHODS:
             r = res[m]
-            print(f"| {T} | {m} | {r['seconds']:.3f} | {r['peak_mib']:.0f} | {r['seconds'] / base['seconds']:.2f}x "
+            print(f"| {T} | {m} | {r['seconds']:.3f} | {T / r['seconds']:.0f} | {r['peak_mib']:.0f} | "
+                  f"{r['seconds'] / base['seconds']:.2f}x "
                   f"| {r['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}x |", flush=True)
 
 

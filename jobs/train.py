@@ -54,9 +54,22 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         backbone = AutoModelForCausalLM.from_pretrained(storage.local_copy(init_from), dtype=torch.float32)
         model = TaHForCausalLM.from_backbone(backbone, cfg.model)
-    rows = sorted(read_labels(cfg.labels).to_pylist(), key=lambda r: r["sample_id"])  # deterministic order
-    train = [r for r in rows if not r["is_validation"] and len(r["input_ids"]) <= cfg.max_length]
-    val = [r for r in rows if r["is_validation"] and len(r["input_ids"]) <= cfg.max_length]
+    # Every worker reads the label shards in one fixed order and keeps every world-th sample (train and
+    # validation counted separately), so a resumed run sees exactly the same batches. (Not Ray Data's
+    # get_dataset_shard: with every CPU held by a train worker its read tasks never get scheduled on a
+    # small machine, and its streaming split gives no fixed row-to-worker assignment to resume from.)
+    train, val, n_train, n_val = [], [], 0, 0
+    for row in sorted(read_labels(cfg.labels).to_pylist(), key=lambda r: r["sample_id"]):
+        if len(row["input_ids"]) > cfg.max_length:
+            continue
+        if row["is_validation"]:
+            n_val += 1
+            if (n_val - 1) % world == rank:
+                val.append(row)
+        else:
+            n_train += 1
+            if (n_train - 1) % world == rank:
+                train.append(row)
     ckpt = ray.train.get_checkpoint()
 
     def report(metrics: dict, directory: str | None) -> None:
@@ -64,7 +77,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     with (ckpt.as_directory() if ckpt else nullcontext(None)) as resume_dir:
         hooks = Hooks(report=report, resume_dir=resume_dir, log_dir=config.get("log_dir"))
-        run_stage(model, stage, train, val, cfg, hooks, rank, world, ray.train.torch.get_device())
+        run_stage(model, stage, train, val, cfg, hooks, rank, world, ray.train.torch.get_device(), n_train)
 
 
 def score_layers(base_model: str, labels: str, layers: list[int], n_calib: int, max_length: int) -> dict[int, float]:
@@ -135,6 +148,9 @@ def run(cfg) -> dict[str, str]:
         raise SystemExit("base_model is required (a local dir, hub id or s3:// checkpoint)")
     out: dict[str, str] = {}
     init = prune_base(cfg) if cfg.prune else cfg.base_model
+    # An explicit pyarrow filesystem carries a custom S3 endpoint (AWS_ENDPOINT_URL) into Ray Train.
+    storage_fs, storage_path = (storage.pyarrow_fs(cfg.storage_path) if storage.is_s3(cfg.storage_path)
+                                else (None, str(Path(cfg.storage_path).resolve())))
     for stage in STAGES[cfg.method]:
         final = storage.join(cfg.storage_path, cfg.name, stage, MODEL_DIR)
         if storage.exists(storage.join(final, "tah_config.json")):
@@ -147,8 +163,8 @@ def run(cfg) -> dict[str, str]:
                                    "log_dir": None if storage.is_s3(cfg.storage_path)
                                    else str(Path(cfg.storage_path, cfg.name, "tensorboard"))},
                 scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-                run_config=RunConfig(name=f"{cfg.name}-{stage}", storage_path=str(Path(cfg.storage_path).resolve())
-                                     if not storage.is_s3(cfg.storage_path) else cfg.storage_path,
+                run_config=RunConfig(name=f"{cfg.name}-{stage}", storage_path=storage_path,
+                                     storage_filesystem=storage_fs,
                                      failure_config=FailureConfig(max_failures=2),
                                      checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
                                                                         checkpoint_score_order="min")),
@@ -161,10 +177,13 @@ def run(cfg) -> dict[str, str]:
             with best.as_directory() as d:
                 if storage.is_s3(final):
                     storage.upload_dir(Path(d) / MODEL_DIR, final, last="tah_config.json")
-                else:
+                else:  # copy beside, then rename: a crash never leaves a half-copied "finished" model
                     import shutil
 
-                    shutil.copytree(Path(d) / MODEL_DIR, final, dirs_exist_ok=True)
+                    tmp = Path(final).with_name(f".{MODEL_DIR}.tmp")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(Path(d) / MODEL_DIR, tmp)
+                    os.replace(tmp, final)
             print(f"[train] {stage}: done, best val_loss {best_metrics.get('val_loss')} at step "
                   f"{best_metrics.get('step')} -> {final}", flush=True)
         out[stage] = final

@@ -27,7 +27,7 @@ import torch
 from ..config import TrainConfig
 from ..model import TaHForCausalLM
 from .batching import collate
-from .losses import decider_loss, pos_weight_from_depths
+from .losses import decider_loss
 
 STATE_NAME = "trainer_state.json"
 MODEL_DIR = "model"
@@ -98,18 +98,20 @@ def _batch(rows: list[dict[str, Any]], idx: list[int], cfg: TrainConfig, method:
 
 
 def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
-              cfg: TrainConfig, hooks: Hooks, rank: int, world: int, device: torch.device) -> dict[str, float]:
-    """Train one stage on this worker's share of the rows; returns the last metrics."""
+              cfg: TrainConfig, hooks: Hooks, rank: int, world: int, device: torch.device,
+              total_train_rows: int) -> dict[str, float]:
+    """Train one stage on this worker's share of the rows (every world-th of `total_train_rows`,
+    taken by the caller); returns the last metrics."""
     import deepspeed
 
     method = "tah" if stage == "stage2" else cfg.method
     model.set_trainable({"standard": "standard", "stage1": "stage1", "stage2": "stage2"}[stage])
     model.to(device)
-    mine = train_rows[rank::world][: len(train_rows) // world]  # equal counts: collectives need them
-    val_mine = val_rows[rank::world][: max(len(val_rows) // world, 0)]
+    mine = train_rows[: total_train_rows // world]  # equal counts on every worker: collectives need them
+    val_mine = val_rows
     per_epoch = len(mine) // cfg.micro_batch // cfg.grad_accum
     if per_epoch == 0:
-        raise ValueError(f"{len(train_rows)} samples are too few for global_batch={cfg.global_batch}")
+        raise ValueError(f"{total_train_rows} samples are too few for global_batch={cfg.global_batch}")
     epochs = cfg.stage2_epochs if stage == "stage2" else cfg.epochs
     total = max(1, int(per_epoch * epochs))
     if cfg.max_steps is not None:
@@ -122,9 +124,16 @@ def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, world))
     pos_weight = None
-    if stage == "stage2":  # counted over all training rows, identical on every worker
-        b = collate(train_rows, "tah", cfg.model.max_depth, cfg.metric)
-        pos_weight = pos_weight_from_depths(b["depths"], b["positions"], cfg.model.max_depth)
+    if stage == "stage2":  # stop/continue counts summed over every worker's rows: one value everywhere
+        b = collate(mine, "tah", cfg.model.max_depth, cfg.metric)
+        from ..oracle import continue_labels
+
+        lab = continue_labels(b["depths"], cfg.model.max_depth)[b["positions"]]
+        counts = torch.tensor([float((lab == 0).sum()), float((lab == 1).sum())], dtype=torch.float64)
+        torch.distributed.all_reduce(counts)
+        if counts[1] == 0:
+            raise ValueError("no continue labels in the data: the decider has nothing to learn")
+        pos_weight = float(counts[0] / counts[1])
 
     step = 0
     if hooks.resume_dir is not None:
