@@ -27,7 +27,7 @@ import torch
 from ..config import TrainConfig
 from ..model import TaHForCausalLM
 from .batching import collate
-from .losses import decider_loss
+from .losses import decider_loss, pos_weight, stop_continue_counts
 
 STATE_NAME = "trainer_state.json"
 MODEL_DIR = "model"
@@ -123,17 +123,12 @@ def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, world))
-    pos_weight = None
+    weight = None
     if stage == "stage2":  # stop/continue counts summed over every worker's rows: one value everywhere
         b = collate(mine, "tah", cfg.model.max_depth, cfg.metric)
-        from ..oracle import continue_labels
-
-        lab = continue_labels(b["depths"], cfg.model.max_depth)[b["positions"]]
-        counts = torch.tensor([float((lab == 0).sum()), float((lab == 1).sum())], dtype=torch.float64)
+        counts = stop_continue_counts(b["depths"], b["positions"], cfg.model.max_depth)
         torch.distributed.all_reduce(counts)
-        if counts[1] == 0:
-            raise ValueError("no continue labels in the data: the decider has nothing to learn")
-        pos_weight = float(counts[0] / counts[1])
+        weight = pos_weight(counts)
 
     step = 0
     if hooks.resume_dir is not None:
@@ -153,7 +148,7 @@ def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]
     def forward(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if stage == "stage2":
             out = engine(b["input_ids"], attention_mask=b["attention_mask"], depths=b["depths"], return_logits=False)
-            return decider_loss(out.decider_logits, b["depths"], b["positions"], pos_weight)
+            return decider_loss(out.decider_logits, b["depths"], b["positions"], weight)
         out = engine(b["input_ids"], attention_mask=b["attention_mask"], depths=b["depths"], labels=b["labels"],
                      return_decider_logits=False, return_logits=False)
         return out.loss, {}

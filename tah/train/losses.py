@@ -18,13 +18,22 @@ import torch.nn.functional as F
 from ..oracle import continue_labels
 
 
+def stop_continue_counts(depths: torch.Tensor, positions: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """(2,) float64: how many decider targets at the given (labelled) positions say stop / continue."""
+    lab = continue_labels(depths, max_depth)[positions.bool()]  # (N, D-1)
+    return torch.tensor([float((lab == 0).sum()), float((lab == 1).sum())], dtype=torch.float64)
+
+
+def pos_weight(counts: torch.Tensor) -> float:
+    """Stop-to-continue ratio from stop_continue_counts (summed over workers where there are several)."""
+    if counts[1] == 0:
+        raise ValueError("no continue labels in the data: the decider has nothing to learn")
+    return float(counts[0] / counts[1])
+
+
 def pos_weight_from_depths(depths: torch.Tensor, positions: torch.Tensor, max_depth: int) -> float:
     """Stop-to-continue ratio over the decider targets of the given (labelled) positions."""
-    lab = continue_labels(depths, max_depth)[positions.bool()]  # (N, D-1)
-    cont, stop = int((lab == 1).sum()), int((lab == 0).sum())
-    if cont == 0:
-        raise ValueError("no continue labels in the data: the decider has nothing to learn")
-    return stop / cont
+    return pos_weight(stop_continue_counts(depths, positions, max_depth))
 
 
 def decider_loss(decider_logits: torch.Tensor, depths: torch.Tensor, positions: torch.Tensor, pos_weight: float,
