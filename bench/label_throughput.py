@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ class ForwardOnly(ReferenceLabeler):
     ships nothing big back): isolates what the Ray boundary itself costs."""
 
     def forward_only(self, seqs: list) -> int:
-        return sum(len(self.logits(seqs)) for _ in [0])
+        return len(self.logits(seqs))
 
 
 def main() -> None:

@@ -125,12 +125,7 @@ def prune_base(cfg, n_calib: int = 16) -> str:
         pruned.save_pretrained(tmp)
         report = {"pruned_layer": layer, "ppl_increase": {str(k): v for k, v in sorted(deltas.items())}}
         Path(tmp, "pruning.json").write_text(json.dumps(report, indent=2))
-        if storage.is_s3(out):
-            storage.upload_dir(tmp, out, last="pruning.json")
-        else:
-            import shutil
-
-            shutil.copytree(tmp, out, dirs_exist_ok=True)
+        storage.publish_dir(tmp, out, last="pruning.json")  # pruning.json marks it finished
     print(f"[train] pruned layer {layer} of {n} (smallest perplexity increase {deltas[layer]:.4f}) -> {out}", flush=True)
     return out
 
@@ -174,16 +169,8 @@ def run(cfg) -> dict[str, str]:
                 raise RuntimeError(f"{stage} finished without a checkpoint")
             # The stage's model is its best checkpoint by validation loss, not merely the last one.
             best, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))
-            with best.as_directory() as d:
-                if storage.is_s3(final):
-                    storage.upload_dir(Path(d) / MODEL_DIR, final, last="tah_config.json")
-                else:  # copy beside, then rename: a crash never leaves a half-copied "finished" model
-                    import shutil
-
-                    tmp = Path(final).with_name(f".{MODEL_DIR}.tmp")
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    shutil.copytree(Path(d) / MODEL_DIR, tmp)
-                    os.replace(tmp, final)
+            with best.as_directory() as d:  # tah_config.json marks the stage finished
+                storage.publish_dir(Path(d) / MODEL_DIR, final, last="tah_config.json")
             print(f"[train] {stage}: done, best val_loss {best_metrics.get('val_loss')} at step "
                   f"{best_metrics.get('step')} -> {final}", flush=True)
         out[stage] = final

@@ -17,7 +17,6 @@ own modules (embedding, rotary, layers, norm, lm_head) run unchanged.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -374,7 +373,7 @@ class TaHForCausalLM(nn.Module):
         if storage.is_s3(save_directory):
             with tempfile.TemporaryDirectory() as tmp:
                 self.save_pretrained(Path(tmp) / "ckpt", tokenizer)
-                storage.upload_dir(Path(tmp) / "ckpt", str(save_directory), last=TAH_CONFIG_NAME)
+                storage.publish_dir(Path(tmp) / "ckpt", str(save_directory), last=TAH_CONFIG_NAME)
             return
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -399,7 +398,7 @@ class TaHForCausalLM(nn.Module):
             dataclasses.replace(self.config, decider=decider).save_json(tmp / TAH_CONFIG_NAME)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            _atomic_replace(tmp, target)
+            storage.replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -471,14 +470,3 @@ def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
     if getattr(backbone.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # tied to embed_tokens; HF re-ties on load
     return sd
-
-
-def _atomic_replace(tmp: Path, target: Path) -> None:
-    """Move a finished directory into place; an existing one is swapped out, then deleted."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

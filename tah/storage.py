@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -143,6 +144,36 @@ def upload_dir(local: str | Path, uri: str, last: str | None = None) -> None:
     files = sorted((p for p in Path(local).rglob("*") if p.is_file()), key=lambda p: p.name == last)
     for p in files:
         client.upload_file(str(p), bucket, "/".join(x for x in (prefix.rstrip("/"), p.relative_to(local).as_posix()) if x))
+
+
+def replace_dir(tmp: str | Path, target: str | Path) -> None:
+    """Move a finished local directory into place; an existing one is swapped out, then deleted."""
+    tmp, target = Path(tmp), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_dir(local: str | Path, uri: str | Path, last: str) -> None:
+    """Copy a finished directory to a local path or s3:// prefix so that a reader checking for the
+    file `last` never finds it beside missing files: locally copied beside and renamed into place,
+    on S3 uploaded with `last` after everything else."""
+    if is_s3(uri):
+        upload_dir(local, str(uri), last=last)
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        shutil.copytree(local, tmp, dirs_exist_ok=True)
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def local_copy(uri: str | Path, cache_dir: str | Path | None = None) -> str:

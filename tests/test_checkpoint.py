@@ -107,12 +107,12 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     model, _ = make(max_depth=2)
     model.save_pretrained(tmp_path / "c")
     good = (tmp_path / "c" / "decider.safetensors").read_bytes()
-    import tah.model as tm
+    from tah import storage
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tm, "_atomic_replace", boom)
+    monkeypatch.setattr(storage, "replace_dir", boom)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "c")
     assert (tmp_path / "c" / "decider.safetensors").read_bytes() == good
