@@ -5,7 +5,8 @@
 
 Each stage is one TorchTrainer run named `<name>-<stage>` under `storage_path`; re-running the same
 command resumes each unfinished stage from its latest checkpoint (DeepSpeed states included) and
-skips finished ones. The final model of each stage is the TaH checkpoint in `<stage>/model`.
+skips finished ones. The labelled Parquet is read with Ray Data and split across the workers
+(`get_dataset_shard`, one fixed part per rank). The final model of each stage is the TaH checkpoint in `<stage>/model`.
 With `prune=true` (TaH rather than TaH+) the job first scores every decoder layer by the perplexity
 increase its removal causes on calibration samples (Ray tasks, layers split between them), removes
 the smallest, and trains from that backbone (`<name>/pruned-base`, with `pruning.json`).
@@ -35,7 +36,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     from tah import TaHForCausalLM, storage
     from tah.config import TrainConfig, from_dict
-    from tah.data.labeling import read_labels
     from tah.train.loop import Hooks, run_stage
 
     cfg = from_dict(TrainConfig, config["cfg"])
@@ -54,22 +54,9 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         backbone = AutoModelForCausalLM.from_pretrained(storage.local_copy(init_from), dtype=torch.float32)
         model = TaHForCausalLM.from_backbone(backbone, cfg.model)
-    # Every worker reads the label shards in one fixed order and keeps every world-th sample (train and
-    # validation counted separately), so a resumed run sees exactly the same batches. (Not Ray Data's
-    # get_dataset_shard: with every CPU held by a train worker its read tasks never get scheduled on a
-    # small machine, and its streaming split gives no fixed row-to-worker assignment to resume from.)
-    train, val, n_train, n_val = [], [], 0, 0
-    for row in sorted(read_labels(cfg.labels).to_pylist(), key=lambda r: r["sample_id"]):
-        if len(row["input_ids"]) > cfg.max_length:
-            continue
-        if row["is_validation"]:
-            n_val += 1
-            if (n_val - 1) % world == rank:
-                val.append(row)
-        else:
-            n_train += 1
-            if (n_train - 1) % world == rank:
-                train.append(row)
+    # This worker's rows, split by the driver (label_splits): a fixed assignment, so a resumed run
+    # sees exactly the same batches. Sorted by sample id so the order does not depend on block layout.
+    train, val = (sorted(_shard_rows(f"{kind}_{rank}"), key=lambda r: r["sample_id"]) for kind in ("train", "val"))
     ckpt = ray.train.get_checkpoint()
 
     def report(metrics: dict, directory: str | None) -> None:
@@ -77,7 +64,50 @@ def train_loop_per_worker(config: dict) -> None:
 
     with (ckpt.as_directory() if ckpt else nullcontext(None)) as resume_dir:
         hooks = Hooks(report=report, resume_dir=resume_dir, log_dir=config.get("log_dir"))
-        run_stage(model, stage, train, val, cfg, hooks, rank, world, ray.train.torch.get_device(), n_train)
+        run_stage(model, stage, train, val, cfg, hooks, rank, world, ray.train.torch.get_device(),
+                  len(train) * world)
+
+
+def _shard_rows(name: str) -> list[dict]:
+    """Every row of this worker's dataset shard as Python dicts (the label table's columns)."""
+    import ray.train
+
+    rows: list[dict] = []
+    for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="pyarrow"):
+        rows += batch.to_pylist()
+    return rows
+
+
+def label_splits(labels: str, max_length: int, world: int) -> dict[str, object]:
+    """The labelled Parquet read with Ray Data, samples longer than max_length dropped, and split into
+    `world` equal parts for training and for validation: {"train_<rank>": ds, "val_<rank>": ds}.
+
+    Materialised and split here, while the cluster's CPUs are free: once the train workers hold every
+    CPU of a small machine, Ray Data read tasks started from the workers would wait forever. Order is
+    preserved, so the same labels give every rank the same rows on every run (exact resume). Equal
+    parts keep collective calls in step; up to world-1 samples of each split are left out."""
+    import ray.data
+    from ray.data.expressions import col
+
+    from tah import storage
+    from tah.data.labeling import label_files
+
+    files = label_files(labels)
+    if not files:
+        raise SystemExit(f"no label shards under {labels}: run jobs/label.py first")
+    fs, _ = storage.pyarrow_fs(files[0])
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.read_parquet([storage.pyarrow_fs(f)[1] for f in files], filesystem=fs)
+    out: dict[str, object] = {}
+    for kind, is_val in (("train", False), ("val", True)):
+        part = ds.filter(expr=(col("num_tokens") <= max_length) & (col("is_validation") == is_val)).materialize()
+        if part.count() < world:
+            raise SystemExit(f"{part.count()} {kind} samples of <= {max_length} tokens in {labels}: fewer than "
+                             f"num_workers={world}")
+        for rank, split in enumerate(part.split(world, equal=True)):
+            out[f"{kind}_{rank}"] = split
+    return out
 
 
 def score_layers(base_model: str, labels: str, layers: list[int], n_calib: int, max_length: int) -> dict[int, float]:
@@ -132,7 +162,7 @@ def prune_base(cfg, n_calib: int = 16) -> str:
 
 def run(cfg) -> dict[str, str]:
     """Train every stage of cfg.method; returns {stage: path of its final TaH checkpoint}."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tah import storage
@@ -146,11 +176,13 @@ def run(cfg) -> dict[str, str]:
     # An explicit pyarrow filesystem carries a custom S3 endpoint (AWS_ENDPOINT_URL) into Ray Train.
     storage_fs, storage_path = (storage.pyarrow_fs(cfg.storage_path) if storage.is_s3(cfg.storage_path)
                                 else (None, str(Path(cfg.storage_path).resolve())))
+    datasets = None
     for stage in STAGES[cfg.method]:
         final = storage.join(cfg.storage_path, cfg.name, stage, MODEL_DIR)
         if storage.exists(storage.join(final, "tah_config.json")):
             print(f"[train] {stage}: already finished ({final})", flush=True)
         else:
+            datasets = datasets or label_splits(cfg.labels, cfg.max_length, cfg.num_workers)
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"cfg": to_dict(cfg), "stage": stage, "init_from": init,
@@ -158,6 +190,8 @@ def run(cfg) -> dict[str, str]:
                                    "log_dir": None if storage.is_s3(cfg.storage_path)
                                    else str(Path(cfg.storage_path, cfg.name, "tensorboard"))},
                 scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+                # Each rank reads its own pre-split dataset (see label_splits), so none is split again.
+                datasets=datasets, dataset_config=DataConfig(datasets_to_split=[]),
                 run_config=RunConfig(name=f"{cfg.name}-{stage}", storage_path=storage_path,
                                      storage_filesystem=storage_fs,
                                      failure_config=FailureConfig(max_failures=2),

@@ -309,11 +309,16 @@ def read_shard_stats(uri: str) -> dict[str, Any]:
     return json.loads(meta[b"tah_shard_stats"])
 
 
+def label_files(output: str) -> list[str]:
+    """The committed shard files of a label output, in name order."""
+    return sorted(f for f in storage.list_files(output, (".parquet",)) if "/shard-" in f.replace("\\", "/"))
+
+
 def read_labels(output: str) -> pa.Table:
-    """Every committed shard of a label output as one table (what training reads)."""
+    """Every committed shard of a label output as one table (pruning's calibration, analysis)."""
     import pyarrow.parquet as pq
 
-    files = [f for f in storage.list_files(output, (".parquet",)) if "/shard-" in f.replace("\\", "/")]
+    files = label_files(output)
     if not files:
         return SHARD_SCHEMA.empty_table()
     tables = []

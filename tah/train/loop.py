@@ -2,8 +2,8 @@
 
 Written for one worker of a data-parallel group (torch.distributed already initialised, gloo on
 CPU or nccl on GPU); jobs/train.py runs it inside Ray Train and passes the Ray-specific pieces in as
-`Hooks` (report metrics + a checkpoint directory, the checkpoint to resume from). Each worker takes
-every world-size-th sample of a deterministic order, so a resumed run sees the same batches.
+`Hooks` (report metrics + a checkpoint directory, the checkpoint to resume from). Each worker gets a
+fixed share of the samples from its runner, so a resumed run sees the same batches.
 
 Stages: "standard" / "stage1" (LM loss at the given depths; backbone + LoRA train) and "stage2"
 (decider BCE on the frozen backbone, pos_weight counted from the data).
@@ -100,8 +100,8 @@ def _batch(rows: list[dict[str, Any]], idx: list[int], cfg: TrainConfig, method:
 def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
               cfg: TrainConfig, hooks: Hooks, rank: int, world: int, device: torch.device,
               total_train_rows: int) -> dict[str, float]:
-    """Train one stage on this worker's share of the rows (every world-th of `total_train_rows`,
-    taken by the caller); returns the last metrics."""
+    """Train one stage on this worker's share of the rows (of `total_train_rows` over all workers;
+    the caller assigns shares); returns the last metrics."""
     import deepspeed
 
     method = "tah" if stage == "stage2" else cfg.method
