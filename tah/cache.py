@@ -111,7 +111,13 @@ class _PackedView(_DepthView):
 
 
 class TaHCache:
-    """Preallocated per-(layer, depth) KV cache for decoding batch rows of different lengths."""
+    """Preallocated per-(layer, depth) KV cache for decoding batch rows of different lengths.
+
+    `capacity` slots per (row, depth) may be reserved up front (the serving engine reserves its whole
+    budget: max sequences x max length). Attention only ever reads the *window*: the first
+    `window` slots (the longest live row, rounded up to a chunk), and only the first `active` rows,
+    so a short batch in a large reservation pays for what it holds, not for the reservation.
+    """
 
     def __init__(self, num_layers: int, max_depth: int, batch_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -119,27 +125,32 @@ class TaHCache:
         self.num_layers, self.max_depth, self.batch_size = num_layers, max_depth, batch_size
         self.num_kv_heads, self.head_dim, self.chunk = num_kv_heads, head_dim, chunk
         self.dtype, self.device, self.depth_attention = dtype, torch.device(device), depth_attention
-        self.capacity = 0
+        self.capacity = 0  # slots allocated per (row, depth)
+        self.window = 0  # slots attention reads: chunk-rounded longest row
+        self.active = batch_size  # forward calls cover rows [0, active)
         self.k: list[torch.Tensor] = []  # per layer (B, Hkv, max_depth, capacity, D)
         self.v: list[torch.Tensor] = []
         self.pos = torch.zeros(batch_size, max_depth, 0, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(batch_size, max_depth, dtype=torch.long, device=self.device)
         self.grow_events = 0
-        self._grow(capacity)
+        self._allocate(capacity)
 
     @property
     def seen_tokens(self) -> torch.Tensor:
-        """(B,) tokens each row has run at depth 1 = the next token's position id."""
-        return self.lengths[:, 0]
+        """(active,) tokens each row has run at depth 1 = the next token's position id."""
+        return self.lengths[:self.active, 0]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def _grow(self, need: int) -> None:
-        """Make room for `need` slots per (row, depth), rounded up to whole chunks."""
+    def _round(self, n: int) -> int:
+        return -(-n // self.chunk) * self.chunk
+
+    def _allocate(self, need: int) -> None:
+        """Make room for `need` slots per (row, depth), rounded up to whole chunks (copies once)."""
         if need <= self.capacity:
             return
-        cap = -(-need // self.chunk) * self.chunk
+        cap = self._round(need)
         shape = (self.batch_size, self.num_kv_heads, self.max_depth, cap, self.head_dim)
         old = self.capacity
         for store in (self.k, self.v):
@@ -156,16 +167,41 @@ class TaHCache:
         self.pos, self.capacity = pos, cap
         self.grow_events += old > 0
 
+    def _grow(self, need: int) -> None:
+        if need > self.window:
+            self._allocate(need)
+            self.window = min(self._round(need), self.capacity)
+
+    def trim(self) -> None:
+        """Shrink the attention window to the longest of the active rows (after rows finished)."""
+        longest = int(self.lengths[:self.active].max()) if self.active else 0
+        self.window = min(self._round(longest), self.capacity)
+
+    def reset_rows(self, rows: list[int] | torch.Tensor) -> None:
+        """Forget what rows hold (a serving slot given to a new request); no memory is touched."""
+        self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.device)] = 0
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src`'s K/V (up to the window) into row `dst` (the engine keeps live rows leading)."""
+        w = self.window
+        for store in (self.k, self.v):
+            for buf in store:
+                buf[dst, :, :, :w] = buf[src, :, :, :w]
+        self.pos[dst, :, :w] = self.pos[src, :, :w]
+        self.lengths[dst] = self.lengths[src]
+
     def begin_depth(self, depth: int, rows: torch.Tensor | None, q_pos: torch.Tensor,
                     q_valid: torch.Tensor, backend: str, counts: Counter,
                     single_step: bool = False) -> "_CacheView":
-        """Reserve slots for the valid queries of `rows` at `depth`; return the view for its layers.
+        """Reserve slots for the valid queries of `rows` (of the active rows) at `depth`; return the
+        view for its layers.
 
         single_step: the call feeds at most one token per row, so every cached key precedes it.
         """
         if not 1 <= depth <= self.max_depth:
             raise ValueError(f"depth {depth} outside 1..{self.max_depth} of this cache")
-        row_ids = rows if rows is not None else torch.arange(self.batch_size, device=self.device)
+        n = self.active
+        row_ids = rows if rows is not None else torch.arange(n, device=self.device)
         start = self.lengths[row_ids, depth - 1]  # (B_d,)
         n_new = q_valid.sum(1)  # (B_d,)
         self._grow(int((start + n_new).max()) if len(row_ids) else 0)
@@ -175,10 +211,10 @@ class TaHCache:
         self.lengths[row_ids, depth - 1] = start + n_new
 
         lo, hi = visible_depths(depth, self.depth_attention)
-        n_vis = hi - lo + 1
-        ar = torch.arange(self.capacity, device=self.device)
-        k_valid = (ar[None, None, :] < self.lengths[:, lo - 1:hi, None]).reshape(self.batch_size, -1)
-        k_pos = self.pos[:, lo - 1:hi].reshape(self.batch_size, n_vis * self.capacity)
+        n_vis, w = hi - lo + 1, self.window
+        ar = torch.arange(w, device=self.device)
+        k_valid = (ar[None, None, :] < self.lengths[:n, lo - 1:hi, None]).reshape(n, n_vis * w)
+        k_pos = self.pos[:n, lo - 1:hi, :w].reshape(n, n_vis * w)
         if rows is not None:
             k_valid, k_pos = k_valid.index_select(0, rows), k_pos.index_select(0, rows)
         # A single new token per row sees every cached key that exists: no positional mask needed.
@@ -201,8 +237,10 @@ class _CacheView(_DepthView):
         kb[self.write_rows, :, d - 1, self.slots] = key_states[self.bi, :, self.qi].to(kb.dtype)
         vb[self.write_rows, :, d - 1, self.slots] = value_states[self.bi, :, self.qi].to(vb.dtype)
         lo, hi = self.visible
-        shape = (c.batch_size, c.num_kv_heads, (hi - lo + 1) * c.capacity, c.head_dim)
-        k, v = kb[:, :, lo - 1:hi].reshape(shape), vb[:, :, lo - 1:hi].reshape(shape)  # views
+        n, w = c.active, c.window
+        shape = (n, c.num_kv_heads, (hi - lo + 1) * w, c.head_dim)
+        # A view when one depth is visible (the common decode case); a copy only across depths.
+        k, v = kb[:n, :, lo - 1:hi, :w].reshape(shape), vb[:n, :, lo - 1:hi, :w].reshape(shape)
         if self.rows is not None:
             k, v = k.index_select(0, self.rows), v.index_select(0, self.rows)
         return k, v

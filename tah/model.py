@@ -227,13 +227,14 @@ class TaHForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 depths: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: TaHCache | None = None,
-                threshold: float | None = None, return_decider_logits: bool = True,
+                threshold: float | torch.Tensor | None = None, return_decider_logits: bool = True,
                 return_logits: bool = True, segment_ids: torch.Tensor | None = None) -> TaHOutput:
         """Run every token to its depth: `depths` (B, T) forced (oracle), or chosen by the decider.
 
         input_ids (B, T); attention_mask (B, T) 1 = real token (left or right padding). Position ids
         default to HF generate's convention (count of real tokens before, continuing the cache).
-        With `past_key_values` the tokens are appended to the cache (chunked prefill / decode).
+        With `past_key_values` the tokens are appended to the cache (chunked prefill / decode); B must
+        equal its active rows. threshold: a float, or (B,) one per row.
         return_logits=False (training with labels) skips assembling the (B, T, V) final logits: the
         loss is computed per depth on each token's deepest cumulative logits instead -- the same value,
         without two more (B*T, V) copies forward and backward. `.logits` is then None.
@@ -250,6 +251,8 @@ class TaHForCausalLM(nn.Module):
             bad = valid & ((depths < 1) | (depths > D))
             if bool(bad.any()):
                 raise ValueError(f"depths of real tokens must be in 1..{D}; got {depths[bad].unique().tolist()}")
+        if past_key_values is not None and B != past_key_values.active:
+            raise ValueError(f"batch of {B} rows but the cache's active rows are {past_key_values.active}")
         if segment_ids is not None:
             if past_key_values is not None:
                 raise NotImplementedError("segment_ids (packing) is for cache-less forwards (training, scoring)")
@@ -262,6 +265,8 @@ class TaHForCausalLM(nn.Module):
             position_ids = (base + valid.long().cumsum(1) - 1).clamp_min(0)
         position_ids = position_ids.expand(B, T)
         thr = self.threshold if threshold is None else threshold
+        if isinstance(thr, torch.Tensor):  # (B,) one threshold per row (serving: per request)
+            thr = thr.to(device=dev, dtype=torch.float32).expand(B)
         store = past_key_values if past_key_values is not None else PackedKV(self.num_layers, B,
                                                                                self.config.depth_attention)
         need_decider = self.decider is not None and (depths is None or return_decider_logits)
@@ -299,7 +304,7 @@ class TaHForCausalLM(nn.Module):
             if depths is not None:
                 cont = depths.reshape(-1)[flat] > d
             else:
-                cont = torch.sigmoid(dec.float()) > thr
+                cont = torch.sigmoid(dec.float()) > (thr[flat // T] if isinstance(thr, torch.Tensor) else thr)
             # Continuing tokens keep their list order, so a boolean mask carries everything over.
             conts.append(cont)
             flat, prev_cum = flat[cont], cum[cont]
