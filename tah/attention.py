@@ -23,6 +23,9 @@ so inside one call the rule reduces to *position causality + key existence*:
              decode via SDPA with a key-validity vector; the general case via flex on CUDA and the
              dense-mask SDPA on CPU.
 
+The serving engine's decode step, where each row is at its own depth, uses `MixedDecodeSpec`: one
+query per row against the per-depth cache view, grouped by KV head, without copying the cache.
+
 Which path ran is counted per call in `DuoCausalSpec.counts` (TaHForCausalLM.attention_paths).
 Try it: python -c "import tah.attention as a; print(a.__doc__)"
 """
@@ -78,6 +81,36 @@ class DuoCausalSpec:
             empty = ~allowed.any(-1, keepdim=True)
             allowed = allowed | (empty & self.k_valid[:, None, :])
         return allowed[:, None]
+
+
+@dataclass
+class MixedDecodeSpec:
+    """One decode token per row, each row at its own depth (the engine's single pass per step).
+
+    The keys arrive as the cache's per-depth view (B, Hkv, D_vis, W, D) -- no copy -- and
+    k_valid (B, D_vis, W) says which of them this row's query may see (existing slots of the depths
+    the rule allows it). Every existing key precedes the query, so validity is the whole mask."""
+
+    k_valid: torch.Tensor
+    counts: Counter = field(default_factory=Counter)
+
+
+def _mixed_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: MixedDecodeSpec,
+                  scaling: float) -> torch.Tensor:
+    """query (B, H, 1, D), key/value (B, Hkv, Dv, W, D) -> (B, H, 1, D); softmax over (Dv, W) jointly.
+
+    Batched matmuls over (B, Hkv, Dv) read the strided cache view in place; query heads are grouped
+    by their KV head (GQA) instead of repeating K/V."""
+    B, H, _, D = query.shape
+    Hkv, Dv, W = key.shape[1], key.shape[2], key.shape[3]
+    g = H // Hkv
+    q = query.reshape(B, Hkv, 1, g, D)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # (B, Hkv, Dv, g, W)
+    scores = scores.masked_fill(~spec.k_valid[:, None, :, None, :], float("-inf"))
+    probs = torch.softmax(scores.transpose(2, 3).reshape(B, Hkv, g, Dv * W), dim=-1)
+    probs = probs.reshape(B, Hkv, g, Dv, W).transpose(2, 3).to(value.dtype)  # (B, Hkv, Dv, g, W)
+    out = torch.matmul(probs, value).sum(2)  # (B, Hkv, g, D)
+    return out.reshape(B, H, 1, D)
 
 
 def _reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DuoCausalSpec,
@@ -201,6 +234,10 @@ def tah_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
 
     With a plain HF mask (the backbone used on its own) this is exactly HF's sdpa attention.
     """
+    if isinstance(attention_mask, MixedDecodeSpec):
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        attention_mask.counts["mixed_decode"] += 1
+        return _mixed_decode(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
     if not isinstance(attention_mask, DuoCausalSpec):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)

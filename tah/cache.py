@@ -22,7 +22,7 @@ from collections import Counter
 
 import torch
 
-from .attention import INVALID_QUERY_POS, DuoCausalSpec
+from .attention import INVALID_QUERY_POS, DuoCausalSpec, MixedDecodeSpec
 
 
 def visible_depths(depth: int, depth_attention: str) -> tuple[int, int]:
@@ -222,6 +222,45 @@ class TaHCache:
         spec = DuoCausalSpec(q_pos=_query_pos(q_pos, q_valid), k_pos=k_pos, k_valid=k_valid,
                              backend=backend, all_keys_precede=single_step, counts=counts)
         return _CacheView(self, depth, rows, row_ids[bi], bi, qi, slots, spec, (lo, hi))
+
+
+    def begin_mixed(self, depth: torch.Tensor, q_pos: torch.Tensor, counts: Counter) -> "_MixedView":
+        """One token per active row, row r at depth[r] (serving decode): reserve its slot and return
+        the view for the layers. Keys are handed over as the per-depth window, a view of the buffer."""
+        n = self.active
+        r = torch.arange(n, device=self.device)
+        d0 = depth - 1  # (n,) 0-based depth slot
+        if bool((d0 < 0).any()) or bool((d0 >= self.max_depth).any()):
+            raise ValueError(f"depths must be in 1..{self.max_depth}")
+        slot = self.lengths[r, d0]  # (n,)
+        self._grow(int(slot.max()) + 1)
+        self.pos[r, d0, slot] = q_pos
+        self.lengths[r, d0] = slot + 1
+        n_vis = 1 if bool((depth == 1).all()) else self.max_depth
+        w = self.window
+        exists = torch.arange(w, device=self.device)[None, None, :] < self.lengths[:n, :n_vis, None]
+        kd = torch.arange(n_vis, device=self.device)[None, :]  # (1, n_vis)
+        if self.depth_attention == "duo_causal":
+            allowed = kd <= d0[:, None]
+        elif self.depth_attention == "current":
+            allowed = kd == d0[:, None]
+        else:  # "first"
+            allowed = (kd == 0).expand(n, n_vis)
+        spec = MixedDecodeSpec(k_valid=exists & allowed[:, :, None], counts=counts)
+        return _MixedView(self, r, d0, slot, n_vis, spec)
+
+
+class _MixedView(_DepthView):
+    def __init__(self, cache: TaHCache, r, d0, slot, n_vis: int, spec: MixedDecodeSpec) -> None:
+        self.cache, self.r, self.d0, self.slot, self.n_vis, self.spec = cache, r, d0, slot, n_vis, spec
+
+    def update(self, key_states, value_states, layer_idx, *args):
+        c = self.cache
+        kb, vb = c.k[layer_idx], c.v[layer_idx]
+        kb[self.r, :, self.d0, self.slot] = key_states[:, :, 0].to(kb.dtype)  # (n, Hkv, D)
+        vb[self.r, :, self.d0, self.slot] = value_states[:, :, 0].to(vb.dtype)
+        n, w = c.active, c.window
+        return kb[:n, :, :self.n_vis, :w], vb[:n, :, :self.n_vis, :w]  # (n, Hkv, n_vis, w, D) views
 
 
 class _CacheView(_DepthView):

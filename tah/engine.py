@@ -5,9 +5,12 @@ Requests wait in a queue until a slot is free (never more than `max_num_seqs` ru
 reserved once for max_num_seqs x max_model_len x max_depth and never grows). Each `step()`:
 
 1. admits waiting requests into free slots (within a prefill token budget);
-2. decodes one token for every running request: depth 1 for all rows, then the decider (threshold per
-   request, changeable at run time) picks the rows that run depth 2 -- only those rows compute it and
-   only they write depth-2 K/V (tah/model.py packs each depth's rows);
+2. decodes every running request in ONE pass of the weights, each row at its own depth
+   (`TaHForCausalLM.decode_step`): rows feed their last token at depth 1, rows the decider sent deeper
+   at the previous step run that depth now (soft input, LoRA on for those rows only, duo-causal keys
+   of their own depths). A row's token is final when the decider (threshold per request, changeable
+   at run time) stops it; only rows that iterate write depth-2 K/V. Iterating therefore costs a row
+   one step, not the whole batch a second pass;
 3. prefills the admitted requests (their prompts also go through the decider, as in the reference
    `generate()`), which yields their first token;
 4. samples every row with its own parameters and generator, and frees finished rows at once: the last
@@ -153,6 +156,8 @@ class _Request:
     output: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    pending: tuple | None = None
+    """Mid-iteration: (next depth, top-k values, top-k ids, cumulative logits) of the current token."""
 
 
 class Engine:
@@ -270,14 +275,11 @@ class Engine:
         old = list(self.running)
         rows_logits, rows_depth, reqs = [], [], []
         cache = self.cache
-        if old:  # decode: one token for every running row
-            cache.active = len(old)
-            ids = torch.tensor([[r.output[-1]] for r in old], dtype=torch.long, device=self.device)
-            out = self.model(ids, depths=self._forced((len(old), 1)), past_key_values=cache,
-                             threshold=self._thresholds(old), return_decider_logits=False)
-            rows_logits.append(out.logits[:, 0])
-            rows_depth.append(out.depths[:, 0])
-            reqs += old
+        if old:  # decode: one pass, each running row at its own depth
+            lg, dp, done = self._decode(old)
+            rows_logits.append(lg)
+            rows_depth.append(dp)
+            reqs += done
         if new:  # prefill the admitted requests into the slots after the running ones
             slots = list(range(len(old), len(old) + len(new)))
             cache.reset_rows(slots)
@@ -289,13 +291,13 @@ class Engine:
             for s, r in zip(slots, new):
                 ids[s, :len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long)
                 valid[s, :len(r.prompt)] = True
-            thr = self._thresholds(self.running)
+            last = torch.zeros(n_all, dtype=torch.long, device=self.device)
+            last[len(old):] = torch.tensor([len(r.prompt) - 1 for r in new], device=self.device)
             out = self.model(ids, attention_mask=valid, depths=self._forced((n_all, T)), past_key_values=cache,
-                             threshold=thr, return_decider_logits=False)
-            last = torch.tensor([len(r.prompt) - 1 for r in new], device=self.device)
+                             threshold=self._thresholds(self.running), return_decider_logits=False, logits_at=last)
             sl = torch.tensor(slots, device=self.device)
-            rows_logits.append(out.logits[sl, last])
-            rows_depth.append(out.depths[sl, last])
+            rows_logits.append(out.logits[sl])
+            rows_depth.append(out.depths[sl, last[sl]])
             for s, r in zip(slots, new):
                 d = out.depths[s, :len(r.prompt)]
                 r.stats.prompt_depth_counts = {int(k): int((d == k).sum()) for k in d.unique().tolist()}
@@ -333,6 +335,40 @@ class Engine:
         self._free()
         self.steps += 1
         return events
+
+    def _decode(self, rows: list[_Request]) -> tuple[torch.Tensor, torch.Tensor, list[_Request]]:
+        """One decode pass over the running rows; returns (logits, depth, request) of the rows whose
+        token is final this step. Rows the decider sends deeper keep their state and run the next
+        depth in the next step's pass (together with everybody else's next token)."""
+        dev, model, D = self.device, self.model, self.model.config.max_depth
+        self.cache.active = len(rows)
+        depth = torch.tensor([r.pending[0] if r.pending else 1 for r in rows], dtype=torch.long, device=dev)
+        ids = torch.tensor([r.output[-1] for r in rows], dtype=torch.long, device=dev)
+        deep = [r for r in rows if r.pending]
+        soft = prev = None
+        if deep:
+            soft = (torch.stack([r.pending[1] for r in deep]), torch.stack([r.pending[2] for r in deep]))
+            prev = torch.stack([r.pending[3] for r in deep])
+        cum, hidden = model.decode_step(ids, depth, self.cache, soft, prev)
+        policy = self.config.depth_policy
+        target = {"standard": 1, "always_think": D}.get(policy)
+        cont = depth < (target if target is not None else D)
+        top = None
+        if bool(cont.any()):
+            top = cum.topk(model.topk, dim=-1)
+            if target is None:  # the decider, with each request's threshold
+                thr = torch.tensor([r.params.threshold if r.params.threshold is not None else self.threshold
+                                    for r in rows], dtype=torch.float32, device=dev)
+                cont &= torch.sigmoid(model.decider(hidden, top.values).float()) > thr
+        done = []
+        for i, (r, c) in enumerate(zip(rows, cont.tolist())):
+            if c:
+                r.pending = (int(depth[i]) + 1, top.values[i], top.indices[i], cum[i])
+            else:
+                r.pending = None
+                done.append(i)
+        idx = torch.tensor(done, dtype=torch.long, device=dev)
+        return cum[idx], depth[idx], [rows[i] for i in done]
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
         p = [r.params for r in reqs]

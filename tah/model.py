@@ -134,6 +134,7 @@ class TaHForCausalLM(nn.Module):
         self.backbone = backbone
         # Flip the flag on a cached list: walking all modules per switch costs milliseconds per step.
         self._lora_layers = [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
+        self._lora_scaling = [dict(m.scaling) for m in self._lora_layers]
         self.decider_layers = list(config.decider.layers or default_decider_layers(num_layers))
         if any(not 0 <= i <= num_layers for i in self.decider_layers):
             raise ValueError(f"decider.layers {self.decider_layers} outside 0..{num_layers}")
@@ -161,6 +162,22 @@ class TaHForCausalLM(nn.Module):
     def _set_lora(self, active: bool) -> None:
         for m in self._lora_layers:
             m._disable_adapters = not active
+
+    def _set_lora_rows(self, rows: torch.Tensor | None) -> None:
+        """LoRA on for the rows where `rows` (B,) is 1 and off elsewhere (None: off, scalings restored).
+
+        peft multiplies the adapter output by `scaling`; a (B, 1, 1) scaling of 0/1 x alpha/r turns it
+        off per row (x + 0 is exact). The adapter's extra work on the off rows is rank-r, negligible."""
+        if rows is None:
+            for m, sc in zip(self._lora_layers, self._lora_scaling):
+                m.scaling.update(sc)
+                m._disable_adapters = True
+            return
+        mask = rows.to(self.backbone.get_input_embeddings().weight.dtype)[:, None, None]
+        for m, sc in zip(self._lora_layers, self._lora_scaling):
+            m._disable_adapters = False
+            for name, v in sc.items():
+                m.scaling[name] = mask * v
 
     def components(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by component: backbone (incl. embeddings, lm_head), lora, decider."""
@@ -228,7 +245,8 @@ class TaHForCausalLM(nn.Module):
                 depths: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: TaHCache | None = None,
                 threshold: float | torch.Tensor | None = None, return_decider_logits: bool = True,
-                return_logits: bool = True, segment_ids: torch.Tensor | None = None) -> TaHOutput:
+                return_logits: bool = True, segment_ids: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> TaHOutput:
         """Run every token to its depth: `depths` (B, T) forced (oracle), or chosen by the decider.
 
         input_ids (B, T); attention_mask (B, T) 1 = real token (left or right padding). Position ids
@@ -238,6 +256,8 @@ class TaHForCausalLM(nn.Module):
         return_logits=False (training with labels) skips assembling the (B, T, V) final logits: the
         loss is computed per depth on each token's deepest cumulative logits instead -- the same value,
         without two more (B*T, V) copies forward and backward. `.logits` is then None.
+        logits_at (B,): return only each row's logits at that index, (B, V) (serving prefill: the
+        last prompt token) instead of assembling (B, T, V).
         segment_ids (B, T): several samples packed in one row (ids constant within a sample): each
         sample gets its own positions from 0, attention and loss targets never cross samples.
         """
@@ -316,7 +336,10 @@ class TaHForCausalLM(nn.Module):
         run_depth = torch.zeros(B * T, dtype=torch.long, device=dev)
         for d, lay in enumerate(layouts, start=1):
             run_depth[lay.flat] = d
-        logits = self._assemble_logits(layouts, cum_lists, B * T).view(B, T, -1) if return_logits else None
+        if logits_at is not None:
+            logits = self._logits_at(layouts, cum_lists, torch.arange(B, device=dev) * T + logits_at, B * T)
+        else:
+            logits = self._assemble_logits(layouts, cum_lists, B * T).view(B, T, -1) if return_logits else None
         decider_logits = None
         if need_decider and D > 1:
             decider_logits = torch.zeros(B * T, D - 1, dtype=torch.float32, device=dev)
@@ -334,6 +357,56 @@ class TaHForCausalLM(nn.Module):
         self._set_lora(False)
         return TaHOutput(logits=logits, depths=run_depth.view(B, T), decider_logits=decider_logits, loss=loss)
 
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, depth: torch.Tensor, cache: TaHCache,
+                    soft_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    prev_cum: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """One pass of the layers with one token per active cache row, each row at its own depth.
+
+        input_ids (B,) the token fed at depth 1 (ignored where depth > 1); depth (B,) 1..max_depth;
+        for the rows with depth > 1 (in row order): soft_topk = (values, ids) (B_deep, k) of their
+        cumulative logits so far and prev_cum (B_deep, V) those logits. Returns the rows' cumulative
+        logits (B, V) and, if the model has a decider, the hidden states it reads ((B, H) each).
+
+        This is how the serving engine decodes: a row whose token continues to depth 2 runs it in the
+        next step's pass together with the other rows' depth-1 tokens, so a step costs one pass of
+        the weights however the rows' depths mix (tests check it against `forward`).
+        """
+        n = input_ids.shape[0]
+        if n != cache.active:
+            raise ValueError(f"{n} rows but the cache's active rows are {cache.active}")
+        emb = self.backbone.get_input_embeddings()
+        deep = depth > 1
+        di = deep.nonzero().squeeze(1)  # (B_deep,)
+        x = emb(input_ids)  # (B, H)
+        if di.numel():
+            x = x.index_copy(0, di, soft_embedding(soft_topk[0], soft_topk[1], emb.weight))
+        x = x[:, None]  # (B, 1, H)
+        # A deeper row re-runs the position its depth-1 pass already took.
+        q_pos = (cache.lengths[:n, 0] - deep.long())[:, None]  # (B, 1)
+        view = cache.begin_mixed(depth, q_pos[:, 0], self.attention_paths)
+        keep = set(self.decider_layers) if self.decider is not None else set()
+        saved: dict[int, torch.Tensor] = {0: x[:, 0]} if 0 in keep else {}
+        inner = self.backbone.model
+        self._set_lora_rows(deep if di.numel() else None)
+        try:
+            pe = inner.rotary_emb(x, q_pos)
+            h = x
+            for i, layer in enumerate(inner.layers):
+                h = layer(h, attention_mask=view.spec, position_ids=q_pos, past_key_values=view, use_cache=True,
+                          position_embeddings=pe)
+                if i + 1 in keep and i + 1 < self.num_layers:
+                    saved[i + 1] = h[:, 0]
+            h = inner.norm(h)
+        finally:
+            self._set_lora_rows(None)
+        saved[self.num_layers] = h[:, 0]
+        cum = self.backbone.lm_head(h)[:, 0]  # (B, V)
+        if di.numel():
+            cum = cum.index_add(0, di, prev_cum.to(cum.dtype))
+        hidden = [saved[i] for i in self.decider_layers] if self.decider is not None else None
+        return cum, hidden
+
     def _assemble_logits(self, layouts: list[_Layout], cum_lists: list[torch.Tensor], n: int) -> torch.Tensor:
         """(B*T, V): every token's deepest cumulative logits (zeros at padding)."""
         if not layouts:
@@ -346,6 +419,19 @@ class TaHForCausalLM(nn.Module):
         for lay, cum in zip(layouts[1:], cum_lists[1:]):
             final = final.index_copy(0, lay.flat, cum)
         return final
+
+    def _logits_at(self, layouts: list[_Layout], cum_lists: list[torch.Tensor], want: torch.Tensor,
+                   n: int) -> torch.Tensor:
+        """(len(want), V): the deepest cumulative logits of the flat token indices `want` only."""
+        w = self.backbone.get_input_embeddings().weight
+        out = torch.zeros(len(want), self.backbone.config.vocab_size, dtype=w.dtype, device=w.device)
+        where = torch.full((n,), -1, dtype=torch.long, device=want.device)
+        where[want] = torch.arange(len(want), device=want.device)
+        for lay, cum in zip(layouts, cum_lists):  # deeper depths overwrite shallower ones
+            idx = where[lay.flat]
+            sel = (idx >= 0).nonzero().squeeze(1)
+            out[idx[sel]] = cum[sel].to(out.dtype)
+        return out
 
     def _depthwise_loss(self, layouts: list[_Layout], cum_lists: list[torch.Tensor], conts: list[torch.Tensor],
                         target: torch.Tensor) -> torch.Tensor:

@@ -78,11 +78,12 @@ def test_continuous_batching_equals_each_request_alone(sampled):
     """Staggered arrivals, more requests than slots (some wait), different lengths (rows finish and
     slots are compacted mid-run): every request gets exactly the tokens it gets alone."""
     model, thr = _model_with_mixed_depths()
-    cfg = EngineConfig(max_num_seqs=3, max_model_len=48, threshold=thr, chunk=8, max_prefill_tokens=16)
-    prompts = _prompts(7, seed=4)
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=48, threshold=thr, chunk=8, max_prefill_tokens=24)
+    prompts = _prompts(9, seed=4)
     params = [SamplingParams(max_tokens=4 + 2 * i, temperature=0.8 if sampled else 0.0, top_k=50, top_p=0.9,
-                             seed=100 + i) for i in range(7)]
-    together = Engine(model, cfg).generate(prompts, params, arrivals=[0, 0, 1, 2, 2, 5, 9])
+                             seed=100 + i) for i in range(9)]
+    # Step 1: two requests join two running ones in one prefill; later ones wait for free slots.
+    together = Engine(model, cfg).generate(prompts, params, arrivals=[0, 0, 1, 1, 1, 2, 2, 5, 9])
     alone = Engine(model, cfg)
     depth2 = 0
     for p, sp, t in zip(prompts, params, together):

@@ -107,3 +107,25 @@ def test_config_yaml_overrides_and_errors(tmp_path: Path):
         load_config(TaHConfig, p)
     back = TaHConfig.load_json(tmp_path / "x.json") if cfg.save_json(tmp_path / "x.json") is None else None
     assert back == cfg
+
+
+@pytest.mark.parametrize("top_k", [0, 5, 40])
+def test_sampling_candidates_are_the_filtered_distribution(top_k):
+    """The fast sampler's candidate distribution equals softmax(filter_logits) over the full vocabulary,
+    and its draws follow it."""
+    from tah.sampling import candidates
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 200, generator=g) * 3
+    kw = dict(temperature=torch.tensor([0.6, 1.0, 1.3, 0.8]), top_k=top_k, top_p=torch.tensor([0.95, 1.0, 0.7, 0.9]),
+              min_p=torch.tensor([0.0, 0.05, 0.0, 0.1]))
+    probs, ids = candidates(logits, **kw)
+    full = torch.zeros_like(logits).scatter_add(1, ids, probs)
+    ref = torch.softmax(filter_logits(logits, **kw), dim=-1)
+    assert torch.allclose(full, ref, atol=1e-6)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    draws = torch.stack([sample(logits, **kw, generators=gens) for _ in range(4000)])  # (N, 4)
+    for b in range(4):
+        freq = torch.bincount(draws[:, b], minlength=200).float() / len(draws)
+        assert (freq - ref[b]).abs().max() < 0.03
+        assert bool((ref[b][draws[:, b]] > 0).all())  # never a filtered-out token

@@ -1,0 +1,138 @@
+"""Decode throughput of the serving engine: TaH vs Standard vs AlwaysThink, and the engine vs HF generate.
+
+One model, one process, the same prompts and the paper's sampling defaults (seeded). The engine is measured in
+steady state: a queue of requests that never drains through `batch` slots, tokens produced over a
+window of steps once slots are at mixed phases (a single batch run to its end would measure its
+slowest row's tail instead). HF generate runs static batches. The configurations run interleaved (round-robin over
+`--repeats`) so machine noise hits them alike, and the median is reported. TaH uses the decider at
+`--threshold`; a random model's decider is not trained, so by default its threshold is calibrated
+to send `--share` of tokens to depth 2 (the measured share is printed) -- or pass a trained
+checkpoint. Standard and AlwaysThink are the same engine with forced depths; HF is
+`model.generate` of the plain backbone (greedy, no EOS).
+
+    python bench/engine.py                                   # small random Qwen3, batch 1 and 32
+    python bench/engine.py --checkpoint runs/tiny/train/tah/stage2/model --threshold 0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+
+def build(args: argparse.Namespace):
+    from tah import TaHConfig, TaHForCausalLM
+    from tah.config import DeciderSettings, LoraSettings
+    from tah.testing import randomize_lora, tiny_qwen3
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    if args.checkpoint:
+        model = TaHForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=dev)
+        from transformers import AutoModelForCausalLM
+
+        from tah import storage
+
+        hf = AutoModelForCausalLM.from_pretrained(storage.local_copy(args.checkpoint), dtype=dtype).to(dev).eval()
+        return model, hf, args.threshold, model.backbone.config.vocab_size
+    dims = {"tiny": dict(vocab_size=1024, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                         intermediate_size=128),
+            "small": dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32,
+                          intermediate_size=768),
+            "medium": dict(vocab_size=32768, hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8,
+                           head_dim=64, intermediate_size=3072)}[args.size]
+    hf = tiny_qwen3(**dims, initializer_range=0.02).to(dev, dtype)
+    ref = copy.deepcopy(hf)
+    torch.manual_seed(0)
+    model = TaHForCausalLM.from_backbone(hf, TaHConfig(max_depth=2, lora=LoraSettings(r=16, alpha=32, dropout=0.0),
+                                                       decider=DeciderSettings(width=64, blocks=2, dropout=0.0)))
+    model.eval()
+    randomize_lora(model, scale=0.05)
+    ids = torch.randint(3, dims["vocab_size"], (4, 64), device=dev)
+    with torch.no_grad():  # calibrate: the (1 - share) quantile of the decider's probabilities
+        probs = torch.sigmoid(model(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0].float())
+    thr = float(torch.quantile(probs.flatten(), 1 - args.share))
+    return model, ref, thr, dims["vocab_size"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--share", type=float, default=0.07, help="random model: share of tokens sent to depth 2")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--waves", type=int, default=8, help="requests queued = waves x batch, through batch slots")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    args = ap.parse_args()
+    from tah.engine import Engine, EngineConfig, SamplingParams
+
+    model, hf, thr, vocab = build(args)
+    dev = model.backbone.get_input_embeddings().weight.device
+    from tah.engine import SamplingParams as SP
+    print(f"# engine decode, {args.checkpoint or args.size + ' random Qwen3'}, device {dev}, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.waves} x batch requests, "
+          f"temperature {args.temperature}, TaH threshold {thr:.4f}")
+    print("| batch | method | tokens/s | share depth 2 | ÷ Standard | ")
+    print("|---|---|---|---|---|")
+    for B in args.batches:
+        g = torch.Generator().manual_seed(B)
+        n_req = B * args.waves
+        prompts = torch.randint(3, vocab, (n_req, args.prompt_len), generator=g).tolist()
+        # Lengths vary (new_tokens/2 .. 3 new_tokens/2) so that under every policy slots free and refill
+        # at staggered steps, as in serving; the same lengths for every policy.
+        lens = torch.randint(args.new_tokens // 2, 3 * args.new_tokens // 2 + 1, (n_req,), generator=g).tolist()
+        sp = [SP(max_tokens=m, ignore_eos=True, seed=i, temperature=args.temperature) for i, m in enumerate(lens)]
+
+        def run_engine(policy):
+            """Steady state: a queue that never drains, `batch` slots; tokens over 2 x new_tokens steps
+            after the first new_tokens steps (so slots are at mixed phases and refilled as they free)."""
+            eng = Engine(model, EngineConfig(max_num_seqs=B, max_model_len=args.prompt_len + 2 * args.new_tokens,
+                                             depth_policy=policy, threshold=thr))
+            for p, q in zip(prompts, sp):
+                eng.add_request(p, q)
+            for _ in range(args.new_tokens):
+                eng.step()
+            t0, n, deep = time.perf_counter(), 0, 0
+            for _ in range(2 * args.new_tokens):
+                for e in eng.step():
+                    n += e.token_id >= 0
+                    deep += e.depth >= 2
+            return n, deep / max(n, 1), time.perf_counter() - t0
+
+        def run_hf():  # static batches of B, the paper's sampling defaults
+            n, t0 = 0, time.perf_counter()
+            for w in range(3):
+                ids = torch.tensor(prompts[w * B:(w + 1) * B], device=dev)
+                with torch.no_grad():
+                    out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                      do_sample=args.temperature > 0, temperature=args.temperature or None,
+                                      top_p=0.95, top_k=20, eos_token_id=None, pad_token_id=0)
+                n += out[:, args.prompt_len:].numel()
+            return n, 0.0, time.perf_counter() - t0
+
+        runs = {"standard": lambda: run_engine("standard"), "tah": lambda: run_engine("decider"),
+                "always_think": lambda: run_engine("always_think"), "hf_generate": run_hf}
+        rates: dict[str, list[float]] = {k: [] for k in runs}  # tokens/s per repeat
+        info: dict[str, tuple] = {}
+        for k, f in runs.items():  # warm-up
+            f()
+        for _ in range(args.repeats):
+            for k, f in runs.items():
+                info[k] = f()  # (tokens, share at depth 2, seconds); .tolist() in each step syncs CUDA
+                rates[k].append(info[k][0] / info[k][2])
+        tps = {k: statistics.median(v) for k, v in rates.items()}
+        for k in runs:
+            print(f"| {B} | {k} | {tps[k]:.0f} | {info[k][1]:.3f} | {tps[k] / tps['standard']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
