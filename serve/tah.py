@@ -1,0 +1,392 @@
+"""Ray Serve app: an autoscaling, OpenAI-compatible TaH endpoint over the continuous-batching engine.
+
+    serve run serve.tah:app                                    # the tiny default checkpoint, CPU
+    serve run serve.tah:app model=s3://bucket/runs/tah/stage2/model max_replicas=4 device=cuda
+    serve run serve.tah:app config=serve/configs/tiny.yaml threshold=0.8
+    curl 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \
+         -d '{"model": "tah", "prompt": "What is 2+3?", "max_tokens": 32}'
+
+Each replica holds one `tah.engine.Engine`, stepped by a background thread; HTTP handlers queue
+requests into it and await their tokens (streamed as server-sent events when `stream: true`).
+A client that disconnects aborts its generation and frees its slot. Bad input is a 4xx in
+OpenAI's error shape; overload beyond `max_queued_requests` is Serve's 503. The decider threshold
+is the deployment's `user_config` (change it on a live deployment with a new config, no restart).
+"""
+
+import asyncio  # (no `from __future__ import annotations`: FastAPI reads the route annotations)
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.protocol import (APIError, ChatRequest, CompletionRequest, Detokenizer, chat_logprobs,
+                            completion_logprobs, find_stop, new_id, now, parse, usage)
+
+log = logging.getLogger("ray.serve")
+DEFAULT_MODEL = "runs/tiny/train/tah/stage2/model"
+
+
+@dataclass
+class ServeConfig:
+    """What `serve run serve.tah:app key=value ...` accepts (or a YAML file given as config=...)."""
+
+    model: str = DEFAULT_MODEL
+    """A TaH checkpoint (jobs/train.py's `<stage>/model`): local directory or s3:// prefix."""
+    tokenizer: str | None = None
+    """Tokenizer directory; None = the checkpoint's own, else the shipped task's."""
+    model_name: str = "tah"
+    """The id clients send as `model`."""
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_num_seqs: int = 32
+    max_model_len: int = 2048
+    max_prefill_tokens: int = 4096
+    depth_policy: str = "decider"
+    threshold: float | None = None
+    """Decider threshold (None: the checkpoint's); reconfigurable live through user_config."""
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 128
+    num_cpus: float = 1
+    num_gpus: float = 0
+
+
+fastapi_app = FastAPI(title="TaH", docs_url=None, redoc_url=None)
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@fastapi_app.exception_handler(APIError)
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return _error(e)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return _error(APIError(e.status_code, str(e.detail), kind))
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    return _error(APIError(400, str(e.errors()[:1])))
+
+
+class _Metrics:
+    """Prometheus metrics of one replica (GET /metrics)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("tah_time_to_first_token_seconds", "Time to first token", registry=r, buckets=buckets)
+        self.itl = Histogram("tah_inter_token_latency_seconds", "Time between tokens", registry=r, buckets=buckets)
+        self.e2e = Histogram("tah_e2e_request_latency_seconds", "Request latency", registry=r, buckets=buckets)
+        self.prompt = Counter("tah_prompt_tokens", "Prompt tokens", registry=r)
+        self.generated = Counter("tah_generation_tokens", "Generated tokens", registry=r)
+        self.iterated = Counter("tah_iterated_tokens", "Generated tokens that ran depth >= 2", registry=r)
+        self.running = Gauge("tah_num_requests_running", "Requests decoding", registry=r)
+        self.waiting = Gauge("tah_num_requests_waiting", "Requests waiting for a slot", registry=r)
+        self.share = Gauge("tah_iterated_token_share", "Share of generated tokens that iterated", registry=r)
+        self.requests = Counter("tah_requests", "Finished requests", ["finish_reason"], registry=r)
+        self.n_generated = self.n_iterated = 0
+
+    def token(self, depth: int) -> None:
+        self.generated.inc()
+        self.n_generated += 1
+        if depth >= 2:
+            self.iterated.inc()
+            self.n_iterated += 1
+
+
+@serve.deployment
+@serve.ingress(fastapi_app)
+class TaHServer:
+    """One replica: the model, its engine, and the thread that steps it."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        import torch
+
+        from tah import TaHForCausalLM
+        from tah.config import from_dict
+        from tah.data.labeling import load_tokenizer
+        from tah.engine import Engine, EngineConfig
+
+        self.cfg = c = from_dict(ServeConfig, cfg)
+        dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
+        self.model = TaHForCausalLM.from_pretrained(c.model, dtype=dtype, device=c.device)
+        from tah import storage
+
+        local = storage.local_copy(c.model)
+        tok = c.tokenizer or (local if Path(local, "tokenizer_config.json").exists() else "data/tinytask/tokenizer")
+        self.tokenizer = load_tokenizer(tok)
+        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(self.model.backbone, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.engine = Engine(self.model, EngineConfig(max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len,
+                                                      max_prefill_tokens=c.max_prefill_tokens,
+                                                      depth_policy=c.depth_policy, threshold=c.threshold),
+                             eos_token_ids=sorted(eos))
+        self.metrics = _Metrics()
+        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.wake = threading.Event()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="tah-engine", daemon=True)
+        self.thread.start()
+        log.info("TaH replica ready: %s on %s, %d slots x %d tokens", c.model, c.device, c.max_num_seqs,
+                 c.max_model_len)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        thr = user_config.get("threshold")
+        if thr is not None:
+            if not 0 <= float(thr) <= 1:
+                raise ValueError(f"threshold must be in [0, 1], got {thr}")
+            self.engine.threshold = float(thr)
+
+    def __del__(self) -> None:
+        self.stopped = True
+
+    # ------------------------------------------------------------------ the engine thread
+    def _loop(self) -> None:
+        while not self.stopped:
+            if not self.engine.has_work():
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a bug, not bad input: fail the requests in flight, keep serving
+                log.exception("engine step failed")
+                for rid in list(self.queues):
+                    self.engine.abort(rid)
+                    self._deliver(rid, e)
+                continue
+            for ev in events:
+                self._deliver(ev.request_id, ev)
+
+    def _deliver(self, rid: str, item: Any) -> None:
+        target = self.queues.get(rid)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    async def _tokens(self, prompt: list[int], params, stops: list[str]) -> AsyncIterator[dict[str, Any]]:
+        """Submit one request; yield {"text", "token", "logprob", "top", "finish_reason", "stats"} per token.
+
+        Stop strings are matched on the detokenized text; leaving the loop early (client gone)
+        aborts the request in the engine."""
+        from tah.engine import RequestError
+
+        rid = new_id("req")
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[rid] = (asyncio.get_running_loop(), q)
+        try:
+            self.engine.add_request(prompt, params, rid)
+        except RequestError as e:
+            self.queues.pop(rid, None)
+            raise APIError(400, str(e)) from None
+        self.wake.set()
+        t0, last, n, finished = time.perf_counter(), None, 0, False
+        detok, emitted = Detokenizer(self.tokenizer), 0
+        self.metrics.prompt.inc(len(prompt))
+        try:
+            while True:
+                ev = await q.get()
+                if isinstance(ev, Exception):
+                    raise APIError(500, f"generation failed: {ev}", "server_error")
+                if ev.token_id < 0:  # aborted
+                    finished = True
+                    return
+                t = time.perf_counter()
+                (self.metrics.ttft if last is None else self.metrics.itl).observe(t - (t0 if last is None else last))
+                last, n = t, n + 1
+                self.metrics.token(ev.depth)
+                detok.add(ev.token_id, final=ev.finished)
+                text, reason = detok.text, ev.finish_reason
+                cut = find_stop(text, stops, emitted)
+                if cut is not None:
+                    text, reason = text[:cut], "stop"
+                chunk = {"text": text[emitted:], "token": ev.token_id, "logprob": ev.logprob, "top": ev.top_logprobs,
+                         "depth": ev.depth, "finish_reason": reason}
+                emitted = len(text)
+                if reason is not None:
+                    finished = True
+                    self.metrics.e2e.observe(t - t0)
+                    self.metrics.requests.labels(reason).inc()
+                    yield chunk
+                    return
+                yield chunk
+        finally:
+            if not finished:  # the client went away (or the handler failed): free the slot
+                self.engine.abort(rid)
+                self.wake.set()
+                self.metrics.requests.labels("abort").inc()
+            self.queues.pop(rid, None)
+
+    # ------------------------------------------------------------------ routes
+    def _check_model(self, name: str) -> None:
+        if name != self.cfg.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model", "model_not_found")
+
+    def _prompt_ids(self, req: CompletionRequest | ChatRequest) -> list[int]:
+        if isinstance(req, ChatRequest):
+            msgs = [m.model_dump(exclude_none=True) for m in req.messages]
+            out = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        if isinstance(req.prompt, str):
+            return self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+        return list(req.prompt)
+
+    @fastapi_app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @fastapi_app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": now(),
+                                            "owned_by": "tah", "root": self.cfg.model,
+                                            "max_model_len": self.cfg.max_model_len}]}
+
+    @fastapi_app.get("/metrics")
+    async def prom(self) -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        m = self.metrics
+        m.running.set(self.engine.num_running)
+        m.waiting.set(self.engine.num_waiting)
+        m.share.set(m.n_iterated / m.n_generated if m.n_generated else 0.0)
+        return PlainTextResponse(generate_latest(m.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request):
+        try:
+            req = parse(CompletionRequest, await request.body())
+            self._check_model(req.model)
+            return await self._serve(req, self._prompt_ids(req), chat=False)
+        except APIError as e:
+            return _error(e)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        try:
+            req = parse(ChatRequest, await request.body())
+            self._check_model(req.model)
+            if req.max_completion_tokens is not None:
+                req.max_tokens = req.max_completion_tokens
+            return await self._serve(req, self._prompt_ids(req), chat=True)
+        except APIError as e:
+            return _error(e)
+
+    async def _serve(self, req, prompt: list[int], chat: bool):
+        stops = req.stops()
+        lp = (req.top_logprobs or 0) if chat and req.logprobs else (None if chat else req.logprobs)
+        rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        obj = "chat.completion" if chat else "text_completion"
+        if req.stream:
+            gen = self._tokens(prompt, req.sampling(lp, 0), stops)
+            first = await gen.__anext__()  # errors (context length, ...) become a 400 before streaming starts
+            return StreamingResponse(self._sse(gen, first, req, rid, created, len(prompt), chat),
+                                     media_type="text/event-stream")
+        results = await asyncio.gather(*[self._collect(prompt, req.sampling(lp, i), stops) for i in range(req.n)])
+        choices, n_gen, n_it = [], 0, 0
+        for i, (text, toks, lps, tops, reason, it) in enumerate(results):
+            n_gen, n_it = n_gen + len(toks), n_it + it
+            logprobs = None
+            if lp is not None:
+                logprobs = (chat_logprobs if chat else completion_logprobs)(self.tokenizer, toks, lps, tops)
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                                "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
+        return {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": choices,
+                "usage": usage(len(prompt), n_gen, n_it)}
+
+    async def _collect(self, prompt: list[int], params, stops: list[str]):
+        text, toks, lps, tops, reason, it = "", [], [], [], None, 0
+        async for c in self._tokens(prompt, params, stops):
+            text += c["text"]
+            toks.append(c["token"])
+            lps.append(c["logprob"])
+            tops.append(c["top"])
+            it += c["depth"] >= 2
+            reason = c["finish_reason"]
+        return text, toks, lps, tops, reason, it
+
+    async def _sse(self, gen, first, req, rid: str, created: int, n_prompt: int, chat: bool):
+        import json
+
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        n, it = 0, 0
+
+        def chunk(c: dict[str, Any] | None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else {"content": c["text"]}
+                choice = {"index": 0, "delta": delta, "logprobs": None,
+                          "finish_reason": None if role else c["finish_reason"]}
+                if c is not None and c["logprob"] is not None:
+                    choice["logprobs"] = chat_logprobs(self.tokenizer, [c["token"]], [c["logprob"]], [c["top"]])
+            else:
+                choice = {"index": 0, "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
+                if c["logprob"] is not None:
+                    choice["logprobs"] = completion_logprobs(self.tokenizer, [c["token"]], [c["logprob"]], [c["top"]])
+            body = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            if chat:
+                yield chunk(None, role=True)
+            c = first
+            while c is not None:
+                n, it = n + 1, it + (c["depth"] >= 2)
+                yield chunk(c)
+                c = await gen.__anext__() if c["finish_reason"] is None else None
+            if req.stream_options is not None and req.stream_options.include_usage:
+                body = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": [],
+                        "usage": usage(n_prompt, n, it)}
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        except StopAsyncIteration:
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            await gen.aclose()  # client gone mid-stream: aborts the generation, frees the slot
+
+
+def deployment(cfg: ServeConfig):
+    """The bound deployment for a config (autoscaling, resources, queue limits, user_config)."""
+    from tah.config import to_dict
+
+    if not (str(cfg.model).startswith("s3://") or Path(cfg.model, "tah_config.json").exists()):
+        raise SystemExit(f"no TaH checkpoint at {cfg.model!r}: run `make run` (it trains the tiny default) "
+                         f"or pass model=<dir or s3:// prefix>")
+    return TaHServer.options(
+        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                            "target_ongoing_requests": cfg.target_ongoing_requests},
+        max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        user_config={"threshold": cfg.threshold},
+    ).bind(to_dict(cfg))
+
+
+def app(args: dict[str, str]):
+    """Application builder for `serve run serve.tah:app [config=FILE] [key=value ...]`."""
+    from tah.config import load_config
+
+    args = dict(args)
+    path = args.pop("config", None)
+    return deployment(load_config(ServeConfig, path, [f"{k}={v}" for k, v in args.items()]))
