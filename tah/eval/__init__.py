@@ -1,0 +1,1 @@
+"""Evaluation: benchmark readers, graders, the harness over the engine, and analyses."""
