@@ -334,3 +334,47 @@ class TrainConfig:
     @property
     def grad_accum(self) -> int:
         return self.global_batch // (self.micro_batch * self.num_workers)
+
+
+@dataclass
+class EvalConfig:
+    """jobs/eval.py: checkpoints x benchmarks through the serving engine, graded, summarised."""
+
+    models: dict[str, str] = field(default_factory=dict)
+    """Name -> TaH checkpoint (local dir or s3://), e.g. {tah: runs/tiny/train/tah/stage2/model}."""
+    policies: dict[str, str] = field(default_factory=dict)
+    """Name -> depth policy where not the decider: standard | always_think (default: decider)."""
+    benchmarks: list[str] = field(default_factory=lambda: ["tinytask"])
+    sources: dict[str, str] = field(default_factory=dict)
+    """Benchmark -> local file/dir or s3:// mirror of its published rows (default: the hub)."""
+    tokenizer: str | None = None
+    """None: each checkpoint's own tokenizer, else the shipped task's."""
+    limit: int | None = None
+    """First N problems of each benchmark (None: all)."""
+    n_samples: int = 1
+    """Samples per problem; accuracy is pass@1 averaged over them."""
+    n_samples_per_benchmark: dict[str, int] = field(default_factory=dict)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    max_tokens: int = 1024
+    threshold: float | None = None
+    """Decider threshold (None: each checkpoint's)."""
+    seed: int = 0
+    num_actors: int = 1
+    """Engine actors per model (Ray Data ActorPoolStrategy)."""
+    max_num_seqs: int = 32
+    max_model_len: int = 4096
+    batch_size: int = 32
+    """Problems per actor call (decoded together by the engine)."""
+    grade_workers: int = 2
+    output: str = "runs/eval"
+    labels: str | None = None
+    """A jobs/label.py output: also run the token-level analysis on its validation rows."""
+
+    def __post_init__(self) -> None:
+        for name, pol in self.policies.items():
+            if pol not in ("decider", "standard", "always_think"):
+                raise ValueError(f"policies.{name} must be decider | standard | always_think, got {pol!r}")
+        if self.n_samples < 1 or self.num_actors < 1 or self.batch_size < 1:
+            raise ValueError("n_samples, num_actors and batch_size must be >= 1")

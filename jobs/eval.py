@@ -1,0 +1,82 @@
+"""Evaluation on Ray: problems spread over engine actors with Ray Data, graded, summarised.
+
+    python jobs/eval.py models.tah=runs/tiny/train/tah/stage2/model limit=60
+    python jobs/eval.py --config jobs/configs/eval/tiny.yaml
+    ray job submit -- python jobs/eval.py --config jobs/configs/eval/paper.yaml models.tah=s3://bucket/tah/stage2/model
+
+Writes `<output>/<model>/<benchmark>.jsonl` (prompt, output, extracted answer, correct, tokens, tokens
+that iterated, per sample) and `<output>/summary.{md,json}` (accuracy, average depth, % tokens
+iterated, output tokens, tokens/s, parameters per model x benchmark). With `labels=` the token-level
+analysis of each TaH checkpoint on the labelled validation set goes to `<output>/<model>/analysis/`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.common import init_ray, parse  # noqa: E402  (first: sets Ray's loopback switch before import)
+
+
+def evaluate_model(name: str, path: str, problems: list, cfg) -> list[dict]:
+    """One checkpoint over every problem: Ray Data map_batches over an EngineWorker actor pool."""
+    import ray.data
+
+    from tah.eval.harness import EngineWorker, grade, problem_batch
+
+    batch = problem_batch(problems)
+    ds = ray.data.from_items([{k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in batch.items()}
+                              for i in range(len(problems))])
+    use_gpu = _has_gpu()
+    out = ds.map_batches(EngineWorker, fn_constructor_kwargs={"model_path": path, "cfg": asdict(cfg),
+                                                              "policy": cfg.policies.get(name, "decider")},
+                         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size,
+                         num_gpus=1 if use_gpu else 0, num_cpus=1).take_all()
+    return grade(out, problems, cfg.grade_workers)
+
+
+def _has_gpu() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def run(cfg) -> list[dict]:
+    from tah.eval.benchmarks import load_benchmark
+    from tah.eval.harness import summarize, write_records, write_summary
+
+    if not cfg.models:
+        raise SystemExit("no models to evaluate: pass models.<name>=<checkpoint> (or a --config with models:)")
+    problems = [p for b in cfg.benchmarks for p in load_benchmark(b, cfg.sources.get(b), cfg.limit)]
+    out = Path(cfg.output)
+    rows = []
+    for name, path in cfg.models.items():
+        records = evaluate_model(name, path, problems, cfg)
+        for bench in cfg.benchmarks:
+            write_records(out / name / f"{bench}.jsonl", [r for r in records if r["benchmark"] == bench])
+        rows += summarize(name, records)
+        print(f"[eval] {name}: " + ", ".join(f"{r['benchmark']} {r['accuracy']:.3f}" for r in rows
+                                             if r["model"] == name), flush=True)
+        if cfg.labels and cfg.policies.get(name, "decider") == "decider":
+            from tah.eval.analysis import analyze
+
+            analyze(path, cfg.labels, out / name / "analysis")
+    write_summary(out, rows)
+    print((out / "summary.md").read_text(), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from tah.config import EvalConfig
+
+    cfg = parse(EvalConfig, argv, __doc__.split("\n")[0])
+    init_ray()
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
