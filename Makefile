@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run test test-slow bench clean
+.PHONY: install run demo test test-slow bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
+	$(PY) jobs/train.py
+
+demo: $(STAMP)
 	$(PY) -m tah.demo
 
 test: $(STAMP)
@@ -29,6 +32,8 @@ bench: $(STAMP)
 	$(PY) bench/attention.py
 	$(PY) bench/train_step.py
 	$(PY) bench/label_throughput.py
+	$(PY) bench/engine.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -12,6 +12,7 @@ analysis of each TaH checkpoint on the labelled validation set goes to `<output>
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -52,6 +53,10 @@ def run(cfg) -> list[dict]:
     if not cfg.models:
         raise SystemExit("no models to evaluate: pass models.<name>=<checkpoint> (or a --config with models:)")
     problems = [p for b in cfg.benchmarks for p in load_benchmark(b, cfg.sources.get(b), cfg.limit)]
+    # Ray actors may run in another working directory: local checkpoint paths must be absolute.
+    absolute = lambda p: str(Path(p).resolve()) if p and Path(p).exists() else p  # noqa: E731
+    cfg = dataclasses.replace(cfg, models={k: absolute(v) for k, v in cfg.models.items()},
+                              tokenizer=absolute(cfg.tokenizer))
     out = Path(cfg.output)
     rows = []
     for name, path in cfg.models.items():

@@ -1,5 +1,6 @@
 """Training on Ray Train + DeepSpeed: Standard, AlwaysThink, TaH (stage 1 then stage 2).
 
+    python jobs/train.py                                       # the whole tiny experiment (jobs/experiment.py)
     python jobs/train.py --config jobs/configs/train/tiny.yaml method=tah base_model=runs/tiny/base
     ray job submit -- python jobs/train.py --config jobs/configs/train/qwen3-1.7b.yaml storage_path=s3://bucket/runs
 
@@ -14,6 +15,7 @@ the smallest, and trains from that backbone (`<name>/pruned-base`, with `pruning
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from contextlib import nullcontext
@@ -160,6 +162,11 @@ def prune_base(cfg, n_calib: int = 16) -> str:
     return out
 
 
+def _absolute(path: str) -> str:
+    """A local path that exists, made absolute; hub ids and s3:// URIs unchanged."""
+    return str(Path(path).resolve()) if not path.startswith("s3://") and Path(path).exists() else path
+
+
 def run(cfg) -> dict[str, str]:
     """Train every stage of cfg.method; returns {stage: path of its final TaH checkpoint}."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -171,6 +178,10 @@ def run(cfg) -> dict[str, str]:
 
     if not cfg.base_model:
         raise SystemExit("base_model is required (a local dir, hub id or s3:// checkpoint)")
+    # Train workers run in their own working directory: local paths must be absolute.
+    cfg = dataclasses.replace(cfg, base_model=_absolute(cfg.base_model), labels=_absolute(cfg.labels),
+                              storage_path=cfg.storage_path if storage.is_s3(cfg.storage_path)
+                              else str(Path(cfg.storage_path).resolve()))
     out: dict[str, str] = {}
     init = prune_base(cfg) if cfg.prune else cfg.base_model
     # An explicit pyarrow filesystem carries a custom S3 endpoint (AWS_ENDPOINT_URL) into Ray Train.
@@ -212,9 +223,26 @@ def run(cfg) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, str]:
+def _is_experiment(argv: list[str]) -> bool:
+    """No arguments, or a --config whose recipe lists `methods`: the whole experiment (jobs/experiment.py)."""
+    if not argv:
+        return True
+    if "--config" in argv[:-1]:
+        import yaml
+
+        recipe = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}
+        return isinstance(recipe, dict) and "methods" in recipe
+    return False
+
+
+def main(argv: list[str] | None = None):
     from tah.config import TrainConfig
 
+    argv = sys.argv[1:] if argv is None else argv
+    if _is_experiment(argv):
+        from jobs.experiment import main as experiment
+
+        return experiment(argv or ["--config", str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")])
     cfg = parse(TrainConfig, argv, __doc__.split("\n")[0])
     init_ray()
     return run(cfg)

@@ -199,18 +199,28 @@ def _grade_one(kind: str, response: str, reference: str, tests: list[str]) -> tu
 def grade_many(items: list[tuple[str, str, str, list[str]]], workers: int = 2,
                timeout: float = 30.0) -> list[tuple[bool, str | None]]:
     """Grade (kind, response, reference, tests) items in worker processes; a grader that hangs past
-    `timeout` counts as wrong (its worker pool is replaced)."""
+    `timeout` counts as wrong (its worker is killed).
+
+    Workers are spawned, not forked: the caller may be a Ray driver or actor with threads of its own,
+    and a forked child of a threaded process can deadlock on a lock held at fork time."""
+    import multiprocessing
+
     out: list[tuple[bool, str | None]] = []
-    pool = ProcessPoolExecutor(workers)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    hung = False
     try:
         futures = [pool.submit(_grade_one, *it) for it in items]
         for f in futures:
             try:
                 out.append(f.result(timeout=timeout))
             except FutureTimeout:
+                hung = True
                 out.append((False, None))
             except Exception:  # a grader crash on odd input: wrong, not fatal
                 out.append((False, None))
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if hung:  # a worker stuck in a grader never takes the exit sentinel: kill it
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()
+        pool.shutdown(wait=not hung, cancel_futures=True)
     return out

@@ -210,7 +210,9 @@ def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]
                         model.save_pretrained(os.path.join(tmp, MODEL_DIR))
                     hooks.report(metrics, tmp)
                 _maybe_fail(step)
-            else:
+            elif "val_loss" in metrics:
+                # Only with validation: a report is a barrier across workers (Ray Train v2), which
+                # would cost more than a tiny model's step; every step still goes to TensorBoard.
                 hooks.report(metrics, None)
             if last:
                 break

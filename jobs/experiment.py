@@ -1,0 +1,177 @@
+"""The paper's whole experiment in one job: SFT reference, oracle labels, TaH / TaH+ / AlwaysThink, evaluation.
+
+    python jobs/train.py                                       # = this, with jobs/configs/tiny.yaml (make run)
+    python jobs/train.py --config jobs/configs/tiny.yaml seed=1 output=runs/tiny-seed1
+    python jobs/experiment.py --config jobs/configs/tiny.yaml train.epochs=1 eval.limit=30
+
+Stages (each skipped when its output is complete, so a re-run resumes):
+1. the source tokenized by the label job (its oracle columns unused) -> Standard SFT of the base model;
+   the SFT model is the reference;
+2. oracle labels with the reference (Ray Data actors);
+3. from the same base, same data, same steps: TaH+ (unpruned), TaH (one layer pruned), AlwaysThink;
+4. every model through jobs/eval.py on the held-out split (+ the token-level analysis, whose oracle
+   policy is the upper bound of paper table 14);
+5. `<output>/results.{md,json}` (one row per method) and plots `<output>/results.png`,
+   `<output>/eval/<model>/analysis/threshold.png`. Checkpoints are servable:
+   `serve run serve.tah:app model=<output>/train/tah/stage2/model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.common import init_ray, parse  # noqa: E402
+
+from tah.config import EvalConfig, LabelConfig, TrainConfig  # noqa: E402
+
+METHODS = {  # name -> (TrainConfig.method, prune, eval policy)
+    "standard": ("standard", False, "standard"),
+    "always_think": ("always_think", False, "always_think"),
+    "tah_plus": ("tah", False, "decider"),
+    "tah": ("tah", True, "decider"),
+}
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: base model + source -> every method trained, evaluated and tabled."""
+
+    base_model: str = "models/tiny-base"
+    source: str = "data/tinytask"
+    tokenizer: str = "data/tinytask/tokenizer"
+    output: str = "runs/tiny"
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seed: int = 0
+    """Training and sampling seed (the data selection stays fixed by label.seed)."""
+    label: LabelConfig = field(default_factory=LabelConfig)
+    """Template for both label passes (reference_model, source, output are set per pass)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Template for every training run (method, prune, base_model, labels, name are set per run)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Template for the evaluation (models, policies, output, labels are set here)."""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown methods {bad}; known: {list(METHODS)}")
+
+
+def _label(cfg: ExperimentConfig, reference: str, output: str) -> str:
+    from jobs.label import run as label_run
+    from tah import storage
+
+    if storage.exists(storage.join(output, "manifest.json")):
+        print(f"[experiment] labels already in {output}", flush=True)
+        return output
+    label_run(dataclasses.replace(cfg.label, reference_model=reference, source=cfg.source, tokenizer=cfg.tokenizer,
+                                  output=output))
+    return output
+
+
+def _train(cfg: ExperimentConfig, name: str, labels: str) -> dict[str, str]:
+    from jobs.train import run as train_run
+
+    method, prune, _ = METHODS[name]
+    tc = dataclasses.replace(cfg.train, method=method, prune=prune, base_model=cfg.base_model, labels=labels,
+                             storage_path=str(Path(cfg.output, "train")), name=name, seed=cfg.seed)
+    return train_run(tc)
+
+
+def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method: accuracy overall and per domain, parameters, % iterated, depth, tokens/s."""
+    out = Path(cfg.output)
+    rows = []
+    for s in summary:
+        name = s["model"]
+        recs = [json.loads(x) for x in (out / "eval" / name / f"{s['benchmark']}.jsonl").read_text().splitlines()]
+        per = {}
+        for dom in ("math", "code", "science"):
+            rs = [r for r in recs if f"/{dom}/" in r["id"]]
+            per[dom] = sum(r["correct"] for r in rs) / len(rs) if rs else float("nan")
+        row = {"method": name, "accuracy": s["accuracy"], **per, "parameters": s["parameters"],
+               "pct_iterated": s["pct_iterated"], "avg_depth": s["avg_depth"], "output_tokens": s["output_tokens"],
+               "decode_tokens_per_s": s["tokens_per_s"], "checkpoint": finals[name]}
+        ana = out / "eval" / name / "analysis" / "analysis.json"
+        if ana.exists():
+            a = json.loads(ana.read_text())
+            row.update({"token_acc_depth1": a["accuracy"]["depth1"], "token_acc_decider": a["accuracy"]["decider"],
+                        "token_acc_oracle": a["accuracy"]["oracle"]})
+        rows.append(row)
+    return rows
+
+
+def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tah.eval.harness import markdown_table
+
+    out = Path(cfg.output)
+    cols = ("method", "accuracy", "math", "code", "science", "parameters", "pct_iterated", "avg_depth",
+            "output_tokens", "decode_tokens_per_s")
+    tok_cols = ("method", "token_acc_depth1", "token_acc_decider", "token_acc_oracle")
+    md = [f"# Results: {cfg.output} (seed {cfg.seed}, {seconds / 60:.1f} min)", "",
+          f"Held-out split of `{cfg.source}`, pass@1 over {cfg.eval.n_samples} sample(s), temperature "
+          f"{cfg.eval.temperature}. Reproduce: `python jobs/train.py --config <this recipe> seed={cfg.seed}`.", "",
+          markdown_table(rows, cols)]
+    tok_rows = [r for r in rows if "token_acc_oracle" in r]
+    if tok_rows:
+        md += ["Teacher-forced next-token accuracy on the labelled validation set (oracle policy = upper bound):", "",
+               markdown_table(tok_rows, tok_cols)]
+    (out / "results.md").write_text("\n".join(md))
+    (out / "results.json").write_text(json.dumps({"seed": cfg.seed, "seconds": seconds, "rows": rows}, indent=2) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = [r["method"] for r in rows]
+    for i, dom in enumerate(("accuracy", "math", "code", "science")):
+        ax.bar([j + 0.2 * i for j in range(len(rows))], [r[dom] for r in rows], width=0.2, label=dom)
+    ax.set_xticks([j + 0.3 for j in range(len(rows))], names)
+    ax.set_ylabel("pass@1")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    from jobs.eval import run as eval_run
+
+    t0 = time.time()
+    out = Path(cfg.output)
+    if not Path(cfg.base_model, "config.json").exists() and not cfg.base_model.startswith("s3://"):
+        raise SystemExit(f"no base model at {cfg.base_model}: run `python jobs/pretrain.py` (or pass base_model=)")
+    sft_data = _label(cfg, cfg.base_model, str(out / "sft-data"))
+    finals: dict[str, str] = {}
+    finals["standard"] = _train(cfg, "standard", sft_data)["standard"]
+    labels = _label(cfg, finals["standard"], str(out / "labels"))
+    for name in cfg.methods:
+        if name != "standard":
+            finals[name] = list(_train(cfg, name, labels).values())[-1]
+    finals = {m: finals[m] for m in cfg.methods}
+    ecfg = dataclasses.replace(cfg.eval, models=finals, policies={m: METHODS[m][2] for m in finals},
+                               output=str(out / "eval"), labels=labels, tokenizer=cfg.tokenizer, seed=cfg.seed)
+    summary = eval_run(ecfg)
+    rows = results_table(cfg, finals, summary)
+    write_results(cfg, rows, time.time() - t0)
+    print((out / "results.md").read_text(), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    cfg = parse(ExperimentConfig, argv, __doc__.split("\n")[0])
+    init_ray()
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

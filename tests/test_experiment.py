@@ -1,0 +1,65 @@
+"""A shortened `make run`: the whole experiment (same stages, a few steps each) on local Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tah import TaHForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_base_model_and_its_record():
+    from transformers import AutoModelForCausalLM
+
+    base = ROOT / "models/tiny-base"
+    rec = json.loads((base / "pretrain.json").read_text())
+    assert rec["command"].startswith("python jobs/pretrain.py")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    assert model.config.model_type == "qwen3"
+    assert sum(p.numel() for p in model.parameters()) == rec["parameters"]
+    assert (base / "model.safetensors").stat().st_size < 8 * 2**20
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from jobs.common import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_short_experiment_produces_every_artifact(ray_local, tmp_path):
+    from jobs.experiment import ExperimentConfig, run
+    from tah.config import load_config
+
+    cfg = load_config(ExperimentConfig, ROOT / "jobs/configs/tiny.yaml", [
+        f"output={tmp_path}", "label.samples_per_domain=12", "label.validation_fraction=0.25",
+        "train.max_steps=2", "train.global_batch=4", "train.micro_batch=2", "train.eval_every=2",
+        "train.checkpoint_every=2", "eval.limit=6", "eval.max_tokens=24", "eval.batch_size=6"])
+    rows = run(cfg)
+    assert [r["method"] for r in rows] == ["standard", "always_think", "tah_plus", "tah"]
+    for name, stage in (("standard", "standard"), ("always_think", "stage1"), ("tah_plus", "stage2"),
+                        ("tah", "stage2")):
+        ckpt = tmp_path / "train" / name / stage / "model"
+        assert (ckpt / "tah_config.json").exists(), name
+        assert (tmp_path / "eval" / name / "tinytask.jsonl").exists()
+    assert (tmp_path / "labels" / "manifest.json").exists() and (tmp_path / "sft-data" / "manifest.json").exists()
+    assert (tmp_path / "train" / "tah" / "pruned-base" / "pruning.json").exists()
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert (tmp_path / "eval" / "tah" / "analysis" / "threshold.png").exists()
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in ("standard", "always_think", "tah_plus", "tah"))
+    res = json.loads((tmp_path / "results.json").read_text())["rows"]
+    by = {r["method"]: r for r in res}
+    # TaH has one decoder layer fewer than TaH+ (pruned), and Standard has no LoRA or decider.
+    n_layers = {m: TaHForCausalLM.from_pretrained(by[m]["checkpoint"]).num_layers for m in by}
+    assert n_layers["tah"] == n_layers["tah_plus"] - 1 == n_layers["standard"] - 1
+    assert by["standard"]["pct_iterated"] == 0 and by["always_think"]["avg_depth"] == 2
+    assert by["standard"]["parameters"] < by["tah_plus"]["parameters"]
