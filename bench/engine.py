@@ -72,11 +72,11 @@ def main() -> None:
     ap.add_argument("--waves", type=int, default=8, help="requests queued = waves x batch, through batch slots")
     ap.add_argument("--temperature", type=float, default=0.6)
     args = ap.parse_args()
-    from tah.engine import Engine, EngineConfig, SamplingParams
+    from tah.engine import Engine, EngineConfig
+    from tah.engine import SamplingParams as SP
 
     model, hf, thr, vocab = build(args)
     dev = model.backbone.get_input_embeddings().weight.device
-    from tah.engine import SamplingParams as SP
     print(f"# engine decode, {args.checkpoint or args.size + ' random Qwen3'}, device {dev}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.waves} x batch requests, "
           f"temperature {args.temperature}, TaH threshold {thr:.4f}")

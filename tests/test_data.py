@@ -191,12 +191,19 @@ def test_shipped_task_is_checkable_and_disjoint():
 
 
 def test_every_shipped_recipe_parses():
-    from tah.config import LabelConfig, TrainConfig, load_config
+    from jobs.experiment import ExperimentConfig
+    from serve.tah import ServeConfig
+    from tah.config import EvalConfig, LabelConfig, TrainConfig, load_config
 
-    kinds = {"label": LabelConfig, "train": TrainConfig}
+    kinds = {"label": LabelConfig, "train": TrainConfig, "eval": EvalConfig}
     recipes = sorted((ROOT / "jobs/configs").rglob("*.yaml"))
     assert recipes
     for path in recipes:
-        kind = path.relative_to(ROOT / "jobs/configs").parts[0]
-        assert kind in kinds, f"no config class for recipe {path}"
-        load_config(kinds[kind], path)
+        parts = path.relative_to(ROOT / "jobs/configs").parts
+        cls = ExperimentConfig if len(parts) == 1 else kinds.get(parts[0])
+        assert cls is not None, f"no config class for recipe {path}"
+        load_config(cls, path)
+    serve_recipes = sorted((ROOT / "serve/configs").glob("*.yaml"))
+    assert serve_recipes
+    for path in serve_recipes:
+        load_config(ServeConfig, path)
