@@ -28,6 +28,16 @@ def parse(cls: type[T], argv: list[str] | None, description: str) -> T:
     return load_config(cls, args.config, args.overrides)
 
 
+def absolute_local(path: str | None) -> str | None:
+    """A local path that exists, made absolute (Ray workers and actors may run in another working
+    directory); hub ids, s3:// URIs and None unchanged."""
+    from pathlib import Path
+
+    if not path or str(path).startswith("s3://") or not Path(path).exists():
+        return path
+    return str(Path(path).resolve())
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     import ray
 

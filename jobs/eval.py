@@ -20,18 +20,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.common import init_ray, parse  # noqa: E402  (first: sets Ray's loopback switch before import)
+from jobs.common import absolute_local, init_ray, parse  # noqa: E402  (first: sets Ray's loopback switch before import)
 
 
 def evaluate_model(name: str, path: str, problems: list, cfg) -> list[dict]:
     """One checkpoint over every problem: Ray Data map_batches over an EngineWorker actor pool."""
     import ray.data
 
-    from tah.eval.harness import EngineWorker, grade, problem_batch
+    from tah.eval.harness import EngineWorker, grade
 
-    batch = problem_batch(problems)
-    ds = ray.data.from_items([{k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in batch.items()}
-                              for i in range(len(problems))])
+    ds = ray.data.from_items([{"id": p.id, "benchmark": p.benchmark, "prompt": p.prompt} for p in problems])
     use_gpu = _has_gpu()
     out = ds.map_batches(EngineWorker, fn_constructor_kwargs={"model_path": path, "cfg": asdict(cfg),
                                                               "policy": cfg.policies.get(name, "decider")},
@@ -54,9 +52,8 @@ def run(cfg) -> list[dict]:
         raise SystemExit("no models to evaluate: pass models.<name>=<checkpoint> (or a --config with models:)")
     problems = [p for b in cfg.benchmarks for p in load_benchmark(b, cfg.sources.get(b), cfg.limit)]
     # Ray actors may run in another working directory: local checkpoint paths must be absolute.
-    absolute = lambda p: str(Path(p).resolve()) if p and Path(p).exists() else p  # noqa: E731
-    cfg = dataclasses.replace(cfg, models={k: absolute(v) for k, v in cfg.models.items()},
-                              tokenizer=absolute(cfg.tokenizer))
+    cfg = dataclasses.replace(cfg, models={k: absolute_local(v) for k, v in cfg.models.items()},
+                              tokenizer=absolute_local(cfg.tokenizer))
     out = Path(cfg.output)
     rows = []
     for name, path in cfg.models.items():

@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.common import init_ray, parse  # noqa: E402  (first: sets Ray's loopback switch before import)
+from jobs.common import absolute_local, init_ray, parse  # noqa: E402  (first: sets Ray's loopback switch before import)
 
 STAGES = {"standard": ["standard"], "always_think": ["stage1"], "tah": ["stage1", "stage2"]}
 
@@ -162,11 +162,6 @@ def prune_base(cfg, n_calib: int = 16) -> str:
     return out
 
 
-def _absolute(path: str) -> str:
-    """A local path that exists, made absolute; hub ids and s3:// URIs unchanged."""
-    return str(Path(path).resolve()) if not path.startswith("s3://") and Path(path).exists() else path
-
-
 def run(cfg) -> dict[str, str]:
     """Train every stage of cfg.method; returns {stage: path of its final TaH checkpoint}."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -179,7 +174,7 @@ def run(cfg) -> dict[str, str]:
     if not cfg.base_model:
         raise SystemExit("base_model is required (a local dir, hub id or s3:// checkpoint)")
     # Train workers run in their own working directory: local paths must be absolute.
-    cfg = dataclasses.replace(cfg, base_model=_absolute(cfg.base_model), labels=_absolute(cfg.labels),
+    cfg = dataclasses.replace(cfg, base_model=absolute_local(cfg.base_model), labels=absolute_local(cfg.labels),
                               storage_path=cfg.storage_path if storage.is_s3(cfg.storage_path)
                               else str(Path(cfg.storage_path).resolve()))
     out: dict[str, str] = {}

@@ -122,17 +122,13 @@ class TaHServer:
 
         from tah import TaHForCausalLM
         from tah.config import from_dict
-        from tah.data.labeling import load_tokenizer
+        from tah.data.labeling import checkpoint_tokenizer, load_tokenizer
         from tah.engine import Engine, EngineConfig
 
         self.cfg = c = from_dict(ServeConfig, cfg)
         dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
         self.model = TaHForCausalLM.from_pretrained(c.model, dtype=dtype, device=c.device)
-        from tah import storage
-
-        local = storage.local_copy(c.model)
-        tok = c.tokenizer or (local if Path(local, "tokenizer_config.json").exists() else "data/tinytask/tokenizer")
-        self.tokenizer = load_tokenizer(tok)
+        self.tokenizer = load_tokenizer(checkpoint_tokenizer(c.model, c.tokenizer))
         eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         gen_eos = getattr(getattr(self.model.backbone, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])

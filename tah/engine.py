@@ -357,9 +357,7 @@ class Engine:
         if bool(cont.any()):
             top = cum.topk(model.topk, dim=-1)
             if target is None:  # the decider, with each request's threshold
-                thr = torch.tensor([r.params.threshold if r.params.threshold is not None else self.threshold
-                                    for r in rows], dtype=torch.float32, device=dev)
-                cont &= torch.sigmoid(model.decider(hidden, top.values).float()) > thr
+                cont &= torch.sigmoid(model.decider(hidden, top.values).float()) > self._thresholds(rows)
         done = []
         for i, (r, c) in enumerate(zip(rows, cont.tolist())):
             if c:

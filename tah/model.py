@@ -224,10 +224,16 @@ class TaHForCausalLM(nn.Module):
                    q_segment: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """One pass of the backbone's layers for depth `depth`'s packed tokens. x (B_d, T_d, H)."""
         self._set_lora(depth >= 2)
-        inner = self.backbone.model
         extra = {} if q_segment is None else {"q_segment": q_segment}
         view = store.begin_depth(depth, layout.rows, q_pos, layout.q_valid, self.config.attn_backend,
                                  self.attention_paths, single_step=layout.T == 1, **extra)
+        return self._layers(x, q_pos, view, keep)
+
+    def _layers(self, x: torch.Tensor, q_pos: torch.Tensor, view: Any,
+                keep: set[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The backbone's layers and final norm over x (B, T, H) with a cache view; returns the
+        normed output and the hidden states at the `keep` indices (0 = input, L = after the norm)."""
+        inner = self.backbone.model
         pe = inner.rotary_emb(x, q_pos)
         saved: dict[int, torch.Tensor] = {0: x} if 0 in keep else {}
         h = x
@@ -386,25 +392,15 @@ class TaHForCausalLM(nn.Module):
         q_pos = (cache.lengths[:n, 0] - deep.long())[:, None]  # (B, 1)
         view = cache.begin_mixed(depth, q_pos[:, 0], self.attention_paths)
         keep = set(self.decider_layers) if self.decider is not None else set()
-        saved: dict[int, torch.Tensor] = {0: x[:, 0]} if 0 in keep else {}
-        inner = self.backbone.model
         self._set_lora_rows(deep if di.numel() else None)
         try:
-            pe = inner.rotary_emb(x, q_pos)
-            h = x
-            for i, layer in enumerate(inner.layers):
-                h = layer(h, attention_mask=view.spec, position_ids=q_pos, past_key_values=view, use_cache=True,
-                          position_embeddings=pe)
-                if i + 1 in keep and i + 1 < self.num_layers:
-                    saved[i + 1] = h[:, 0]
-            h = inner.norm(h)
+            h, saved = self._layers(x, q_pos, view, keep)
         finally:
             self._set_lora_rows(None)
-        saved[self.num_layers] = h[:, 0]
         cum = self.backbone.lm_head(h)[:, 0]  # (B, V)
         if di.numel():
             cum = cum.index_add(0, di, prev_cum.to(cum.dtype))
-        hidden = [saved[i] for i in self.decider_layers] if self.decider is not None else None
+        hidden = [saved[i][:, 0] for i in self.decider_layers] if self.decider is not None else None
         return cum, hidden
 
     def _assemble_logits(self, layouts: list[_Layout], cum_lists: list[torch.Tensor], n: int) -> torch.Tensor:

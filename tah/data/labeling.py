@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from collections import Counter
 from typing import Any
 
@@ -103,6 +104,17 @@ def _objects(items: list) -> np.ndarray:
 
 
 _TOKENIZERS: dict[str, Any] = {}
+
+
+def checkpoint_tokenizer(model_path: str, override: str | None = None) -> str:
+    """The tokenizer directory for a checkpoint: `override`, else the checkpoint's own, else the
+    shipped task's (training writes checkpoints without one)."""
+    if override:
+        return override
+    local = storage.local_copy(model_path)
+    if Path(local, "tokenizer_config.json").exists():
+        return local
+    return str(Path(__file__).resolve().parents[2] / "data" / "tinytask" / "tokenizer")
 
 
 def load_tokenizer(path: str) -> Any:

@@ -138,14 +138,13 @@ def markdown(res: dict[str, Any]) -> str:
 
 def analyze(checkpoint: str, labels: str, output: str | Path, max_rows: int = 64) -> dict[str, Any]:
     """Run the analysis on the first `max_rows` validation rows; write analysis.{json,md} and threshold.png."""
-    from ..data.labeling import load_tokenizer, read_labels
-    from .harness import _tokenizer_for
+    from ..data.labeling import checkpoint_tokenizer, load_tokenizer, read_labels
 
     model = TaHForCausalLM.from_pretrained(checkpoint)
     if model.config.max_depth < 2:
         raise ValueError(f"{checkpoint} has max_depth {model.config.max_depth}: nothing iterates to analyse")
     rows = sorted((r for r in read_labels(labels).to_pylist() if r["is_validation"]), key=lambda r: r["sample_id"])
-    res = token_analysis(model, rows[:max_rows], load_tokenizer(_tokenizer_for(checkpoint, None)))
+    res = token_analysis(model, rows[:max_rows], load_tokenizer(checkpoint_tokenizer(checkpoint)))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(res, indent=2) + "\n")

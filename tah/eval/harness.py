@@ -27,17 +27,6 @@ SUMMARY_COLUMNS = ("model", "benchmark", "problems", "samples", "accuracy", "avg
                    "output_tokens", "tokens_per_s", "parameters")
 
 
-def _tokenizer_for(model_path: str, override: str | None) -> str:
-    from .. import storage
-
-    if override:
-        return override
-    local = storage.local_copy(model_path)
-    if Path(local, "tokenizer_config.json").exists():
-        return local
-    return str(Path(__file__).resolve().parents[2] / "data" / "tinytask" / "tokenizer")
-
-
 class EngineWorker:
     """Holds one model's engine; turns a batch of problems into samples (a Ray Data batch in and out)."""
 
@@ -45,14 +34,14 @@ class EngineWorker:
         import torch
 
         from ..config import from_dict
-        from ..data.labeling import load_tokenizer
+        from ..data.labeling import checkpoint_tokenizer, load_tokenizer
         from ..engine import Engine, EngineConfig
         from ..model import TaHForCausalLM
 
         self.cfg = from_dict(EvalConfig, cfg)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = TaHForCausalLM.from_pretrained(model_path, device=dev)
-        self.tokenizer = load_tokenizer(_tokenizer_for(model_path, self.cfg.tokenizer))
+        self.tokenizer = load_tokenizer(checkpoint_tokenizer(model_path, self.cfg.tokenizer))
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         self.engine = Engine(self.model, EngineConfig(max_num_seqs=self.cfg.max_num_seqs,
                                                       max_model_len=self.cfg.max_model_len, depth_policy=policy,
