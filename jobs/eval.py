@@ -1,12 +1,14 @@
 """Evaluation on Ray: problems spread over engine actors with Ray Data, graded, summarised.
 
     python jobs/eval.py models.tah=runs/tiny/train/tah/stage2/model limit=60
-    python jobs/eval.py --config jobs/configs/eval/tiny.yaml
-    ray job submit -- python jobs/eval.py --config jobs/configs/eval/paper.yaml models.tah=s3://bucket/tah/stage2/model
+    python jobs/eval.py --config jobs/configs/eval/tiny.yaml models.tah=runs/tiny/train/tah/stage2/model
+    ray job submit --working-dir . -- python jobs/eval.py --config jobs/configs/eval/paper.yaml \
+        models.tah=s3://bucket/tah/stage2/model output=s3://bucket/tah/eval
 
 Writes `<output>/<model>/<benchmark>.jsonl` (prompt, output, extracted answer, correct, tokens, tokens
 that iterated, per sample) and `<output>/summary.{md,json}` (accuracy, average depth, % tokens
-iterated, output tokens, tokens/s, parameters per model x benchmark). With `labels=` the token-level
+iterated, output tokens, tokens/s, parameters per model x benchmark); `output` is a local directory
+or an s3:// prefix. With `labels=` the token-level
 analysis of each TaH checkpoint on the labelled validation set goes to `<output>/<model>/analysis/`.
 """
 
@@ -45,6 +47,9 @@ def _has_gpu() -> bool:
 
 
 def run(cfg) -> list[dict]:
+    import tempfile
+
+    from tah import storage
     from tah.eval.benchmarks import load_benchmark
     from tah.eval.harness import summarize, write_records, write_summary
 
@@ -54,7 +59,9 @@ def run(cfg) -> list[dict]:
     # Ray actors may run in another working directory: local checkpoint paths must be absolute.
     cfg = dataclasses.replace(cfg, models={k: absolute_local(v) for k, v in cfg.models.items()},
                               tokenizer=absolute_local(cfg.tokenizer))
-    out = Path(cfg.output)
+    # Records and summaries are written locally; an s3:// output gets them uploaded at the end.
+    remote = storage.is_s3(cfg.output)
+    out = Path(tempfile.mkdtemp(prefix="tah-eval-")) if remote else Path(cfg.output)
     rows = []
     for name, path in cfg.models.items():
         records = evaluate_model(name, path, problems, cfg)
@@ -68,6 +75,8 @@ def run(cfg) -> list[dict]:
 
             analyze(path, cfg.labels, out / name / "analysis")
     write_summary(out, rows)
+    if remote:
+        storage.upload_dir(out, cfg.output)
     print((out / "summary.md").read_text(), flush=True)
     return rows
 

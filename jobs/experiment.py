@@ -3,10 +3,13 @@
     python jobs/train.py                                       # = this, with jobs/configs/tiny.yaml (make run)
     python jobs/train.py --config jobs/configs/tiny.yaml seed=1 output=runs/tiny-seed1
     python jobs/experiment.py --config jobs/configs/tiny.yaml train.epochs=1 eval.limit=30
+    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/qwen3-1.7b/tah.yaml \
+        output=s3://bucket/tah/qwen3-1.7b reference_model=s3://bucket/sft/qwen3-1.7b
 
 Stages (each skipped when its output is complete, so a re-run resumes):
 1. the source tokenized by the label job (its oracle columns unused) -> Standard SFT of the base model;
-   the SFT model is the reference;
+   the SFT model is the reference (skipped when `reference_model` names one and `standard` is not
+   among the methods);
 2. oracle labels with the reference (Ray Data actors);
 3. from the same base, same data, same steps: TaH+ (unpruned), TaH (one layer pruned), AlwaysThink;
 4. every model through jobs/eval.py on the held-out split (+ the token-level analysis, whose oracle
@@ -14,6 +17,8 @@ Stages (each skipped when its output is complete, so a re-run resumes):
 5. `<output>/results.{md,json}` (one row per method) and plots `<output>/results.png`,
    `<output>/eval/<model>/analysis/threshold.png`. Checkpoints are servable:
    `serve run serve.tah:app model=<output>/train/tah/stage2/model`.
+With `output=s3://...` labels and checkpoints go to S3 directly; the evaluation and the results are
+written in a local scratch directory and uploaded under the same prefix at the end.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class ExperimentConfig:
     source: str = "data/tinytask"
     tokenizer: str = "data/tinytask/tokenizer"
     output: str = "runs/tiny"
+    """Local directory or s3://bucket/prefix."""
+    reference_model: str = ""
+    """The oracle's reference SFT model (local, hub id or s3://); empty: this experiment's Standard."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     seed: int = 0
     """Training and sampling seed (the data selection stays fixed by label.seed)."""
@@ -79,16 +87,17 @@ def _label(cfg: ExperimentConfig, reference: str, output: str) -> str:
 
 def _train(cfg: ExperimentConfig, name: str, labels: str) -> dict[str, str]:
     from jobs.train import run as train_run
+    from tah import storage
 
     method, prune, _ = METHODS[name]
     tc = dataclasses.replace(cfg.train, method=method, prune=prune, base_model=cfg.base_model, labels=labels,
-                             storage_path=str(Path(cfg.output, "train")), name=name, seed=cfg.seed)
+                             storage_path=storage.join(cfg.output, "train"), name=name, seed=cfg.seed)
     return train_run(tc)
 
 
-def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[dict[str, Any]],
+                  out: Path) -> list[dict[str, Any]]:
     """One row per method: accuracy overall and per domain, parameters, % iterated, depth, tokens/s."""
-    out = Path(cfg.output)
     rows = []
     for s in summary:
         name = s["model"]
@@ -109,7 +118,7 @@ def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[d
     return rows
 
 
-def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: float) -> None:
+def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: float, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,7 +126,6 @@ def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: fl
 
     from tah.eval.harness import markdown_table
 
-    out = Path(cfg.output)
     cols = ("method", "accuracy", "math", "code", "science", "parameters", "pct_iterated", "avg_depth",
             "output_tokens", "decode_tokens_per_s")
     tok_cols = ("method", "token_acc_depth1", "token_acc_decider", "token_acc_oracle")
@@ -143,26 +151,52 @@ def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: fl
     plt.close(fig)
 
 
+def _check_base(base: str) -> None:
+    """Fail early on a local base model that is not there; s3:// and hub ids (org/name, where no local
+    `org/` directory exists) are resolved by the stages themselves."""
+    from tah import storage
+
+    if storage.is_s3(base) or Path(base, "config.json").exists():
+        return
+    hub_id = base.count("/") == 1 and not base.startswith((".", "/")) and not Path(base.split("/")[0]).is_dir()
+    if not hub_id:
+        raise SystemExit(f"no base model at {base}: run `python jobs/pretrain.py` (or pass base_model=)")
+
+
 def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    import tempfile
+
     from jobs.eval import run as eval_run
+    from tah import storage
 
     t0 = time.time()
-    out = Path(cfg.output)
-    if not Path(cfg.base_model, "config.json").exists() and not cfg.base_model.startswith("s3://"):
-        raise SystemExit(f"no base model at {cfg.base_model}: run `python jobs/pretrain.py` (or pass base_model=)")
-    sft_data = _label(cfg, cfg.base_model, str(out / "sft-data"))
+    remote = storage.is_s3(cfg.output)
+    if not remote:
+        cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).resolve()))
+    # Evaluation records and results are files a person reads: written locally, uploaded when remote.
+    out = Path(tempfile.mkdtemp(prefix="tah-experiment-")) if remote else Path(cfg.output)
+    _check_base(cfg.base_model)
     finals: dict[str, str] = {}
-    finals["standard"] = _train(cfg, "standard", sft_data)["standard"]
-    labels = _label(cfg, finals["standard"], str(out / "labels"))
+    if "standard" in cfg.methods or not cfg.reference_model:
+        sft_data = _label(cfg, cfg.base_model, storage.join(cfg.output, "sft-data"))
+        finals["standard"] = _train(cfg, "standard", sft_data)["standard"]
+    reference = cfg.reference_model or finals["standard"]
+    labels = _label(cfg, reference, storage.join(cfg.output, "labels"))
     for name in cfg.methods:
         if name != "standard":
             finals[name] = list(_train(cfg, name, labels).values())[-1]
     finals = {m: finals[m] for m in cfg.methods}
-    ecfg = dataclasses.replace(cfg.eval, models=finals, policies={m: METHODS[m][2] for m in finals},
+    # The held-out split of the task trained on (the tinytask reader's default is the shipped copy).
+    own = "tinytask" in cfg.eval.benchmarks and "tinytask" not in cfg.eval.sources and Path(cfg.source, "math").is_dir()
+    sources = {**cfg.eval.sources, **({"tinytask": cfg.source} if own else {})}
+    ecfg = dataclasses.replace(cfg.eval, models=finals, policies={m: METHODS[m][2] for m in finals}, sources=sources,
                                output=str(out / "eval"), labels=labels, tokenizer=cfg.tokenizer, seed=cfg.seed)
     summary = eval_run(ecfg)
-    rows = results_table(cfg, finals, summary)
-    write_results(cfg, rows, time.time() - t0)
+    rows = results_table(cfg, finals, summary, out)
+    write_results(cfg, rows, time.time() - t0, out)
+    if remote:
+        storage.upload_dir(out, cfg.output)
+        print(f"[experiment] evaluation and results uploaded to {cfg.output}", flush=True)
     print((out / "results.md").read_text(), flush=True)
     return rows
 

@@ -16,10 +16,12 @@ the smallest, and trains from that backbone (`<name>/pruned-base`, with `pruning
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -131,9 +133,8 @@ def score_layers(base_model: str, labels: str, layers: list[int], n_calib: int, 
 
 
 def prune_base(cfg, n_calib: int = 16) -> str:
-    """Score every layer with parallel Ray tasks, remove the cheapest; returns the pruned base model."""
-    import json
-
+    """Score every layer with parallel Ray tasks, remove the cheapest (or cfg.prune_layer); returns the
+    pruned base model."""
     import ray
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -145,11 +146,15 @@ def prune_base(cfg, n_calib: int = 16) -> str:
         return out
     n = AutoConfig.from_pretrained(storage.local_copy(cfg.base_model)).num_hidden_layers
     parts = [list(range(n))[i::cfg.num_workers] for i in range(min(cfg.num_workers, n))]
-    task = ray.remote(num_cpus=1)(score_layers)
+    # DEFAULT scheduling: inside a Tune trial (jobs/sweep.py) the tasks would otherwise be captured by
+    # the trial's placement group, which holds no CPU for them.
+    task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(score_layers)
     deltas: dict[int, float] = {}
     for d in ray.get([task.remote(cfg.base_model, cfg.labels, p, n_calib, cfg.max_length) for p in parts]):
         deltas.update(d)
-    layer = min(deltas, key=deltas.get)
+    layer = min(deltas, key=deltas.get) if cfg.prune_layer is None else cfg.prune_layer
+    if layer not in deltas:
+        raise SystemExit(f"prune_layer={layer}: the base model has layers 0..{n - 1}")
     pruned = prune_layer(AutoModelForCausalLM.from_pretrained(storage.local_copy(cfg.base_model)), layer, inplace=True)
     import tempfile
 
@@ -158,12 +163,17 @@ def prune_base(cfg, n_calib: int = 16) -> str:
         report = {"pruned_layer": layer, "ppl_increase": {str(k): v for k, v in sorted(deltas.items())}}
         Path(tmp, "pruning.json").write_text(json.dumps(report, indent=2))
         storage.publish_dir(tmp, out, last="pruning.json")  # pruning.json marks it finished
-    print(f"[train] pruned layer {layer} of {n} (smallest perplexity increase {deltas[layer]:.4f}) -> {out}", flush=True)
+    why = "smallest perplexity increase" if cfg.prune_layer is None else "prune_layer; perplexity increase"
+    print(f"[train] pruned layer {layer} of {n} ({why} {deltas[layer]:.4f}) -> {out}", flush=True)
     return out
 
 
-def run(cfg) -> dict[str, str]:
-    """Train every stage of cfg.method; returns {stage: path of its final TaH checkpoint}."""
+def run(cfg, callbacks: Callable[[str], list] | None = None) -> dict[str, str]:
+    """Train every stage of cfg.method; returns {stage: path of its final TaH checkpoint}.
+
+    `callbacks(stage)` gives Ray Train callbacks for that stage's TorchTrainer (jobs/sweep.py passes
+    one that forwards the reports to Ray Tune). Each finished stage also gets `<stage>/result.json`:
+    the metrics of the checkpoint chosen as its model."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -200,6 +210,7 @@ def run(cfg) -> dict[str, str]:
                 datasets=datasets, dataset_config=DataConfig(datasets_to_split=[]),
                 run_config=RunConfig(name=f"{cfg.name}-{stage}", storage_path=storage_path,
                                      storage_filesystem=storage_fs,
+                                     callbacks=callbacks(stage) if callbacks else None,
                                      failure_config=FailureConfig(max_failures=2),
                                      checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
                                                                         checkpoint_score_order="min")),
@@ -209,6 +220,8 @@ def run(cfg) -> dict[str, str]:
                 raise RuntimeError(f"{stage} finished without a checkpoint")
             # The stage's model is its best checkpoint by validation loss, not merely the last one.
             best, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))
+            storage.write_bytes_atomic(storage.join(cfg.storage_path, cfg.name, stage, "result.json"),
+                                       json.dumps(best_metrics, indent=2).encode())
             with best.as_directory() as d:  # tah_config.json marks the stage finished
                 storage.publish_dir(Path(d) / MODEL_DIR, final, last="tah_config.json")
             print(f"[train] {stage}: done, best val_loss {best_metrics.get('val_loss')} at step "

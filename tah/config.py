@@ -279,6 +279,8 @@ class TrainConfig:
     """standard | always_think | tah (stage 1 under oracle depths, then stage 2: the decider)."""
     prune: bool = False
     """TaH (one layer pruned first, chosen by the smallest perplexity increase) vs TaH+ (unpruned)."""
+    prune_layer: int | None = None
+    """With prune: remove this decoder layer instead of the one with the smallest perplexity increase."""
     base_model: str = ""
     """The backbone to start from: local dir, hub id or s3:// checkpoint."""
     labels: str = "runs/tiny/labels"
@@ -318,6 +320,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in ("standard", "always_think", "tah"):
             raise ValueError(f"method must be standard | always_think | tah, got {self.method!r}")
+        if self.prune_layer is not None and not self.prune:
+            raise ValueError("prune_layer is set but prune is false: set prune=true to remove a layer")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError("zero_stage must be 0..3")
         if self.num_workers < 1 or self.micro_batch < 1 or self.global_batch < 1:

@@ -192,15 +192,17 @@ def test_shipped_task_is_checkable_and_disjoint():
 
 def test_every_shipped_recipe_parses():
     from jobs.experiment import ExperimentConfig
+    from jobs.sweep import SweepConfig
     from serve.tah import ServeConfig
     from tah.config import EvalConfig, LabelConfig, TrainConfig, load_config
 
-    kinds = {"label": LabelConfig, "train": TrainConfig, "eval": EvalConfig}
+    # jobs/configs/<file>.yaml and jobs/configs/<model>/<file>.yaml are experiments (jobs/train.py)
+    kinds = {"label": LabelConfig, "train": TrainConfig, "eval": EvalConfig, "sweep": SweepConfig}
     recipes = sorted((ROOT / "jobs/configs").rglob("*.yaml"))
     assert recipes
     for path in recipes:
         parts = path.relative_to(ROOT / "jobs/configs").parts
-        cls = ExperimentConfig if len(parts) == 1 else kinds.get(parts[0])
+        cls = kinds.get(parts[0], ExperimentConfig)
         assert cls is not None, f"no config class for recipe {path}"
         load_config(cls, path)
     serve_recipes = sorted((ROOT / "serve/configs").glob("*.yaml"))

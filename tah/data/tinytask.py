@@ -141,9 +141,11 @@ def make_science(rng: random.Random, steps: int, digits: int) -> dict[str, Any]:
 MAKERS = {"math": make_math, "code": make_code, "science": make_science}
 
 
-def generate(seed: int = 0, steps: int = 3, digits: int = 2,
-             sizes: dict[str, int] | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """{domain: {split: rows}} with no question shared between splits (deduplicated on the text)."""
+def generate(seed: int = 0, steps: int = 3, digits: int = 2, sizes: dict[str, int] | None = None,
+             math_digits: int | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{domain: {split: rows}} with no question shared between splits (deduplicated on the text).
+    `math_digits` (default: `digits`) sets the math operands apart from code and science, whose
+    question pools need 2 digits to hold enough distinct questions."""
     sizes = sizes or SPLITS
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for d_i, domain in enumerate(DOMAINS):
@@ -153,7 +155,7 @@ def generate(seed: int = 0, steps: int = 3, digits: int = 2,
         for split in ("test", "validation", "train"):  # held-out splits first: they get first pick
             rows, misses = [], 0
             while len(rows) < sizes[split]:
-                ex = MAKERS[domain](rng, steps, digits)
+                ex = MAKERS[domain](rng, steps, math_digits or digits if domain == "math" else digits)
                 if ex["question"] in seen:
                     misses += 1
                     if misses > 100 * sizes[split]:
@@ -195,11 +197,12 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def build(out: Path, seed: int = 0, steps: int = 3, digits: int = 2, vocab_size: int = 2048) -> dict[str, str]:
+def build(out: Path, seed: int = 0, steps: int = 3, digits: int = 2, vocab_size: int = 2048,
+          math_digits: int | None = None) -> dict[str, str]:
     """Write the task and tokenizer under `out`; return {relative path: sha256} of every file."""
     from jinja2 import Template
 
-    data = generate(seed, steps, digits)
+    data = generate(seed, steps, digits, math_digits=math_digits)
     render = Template(CHAT_TEMPLATE).render  # train on the rendered chats, so template words get tokens
     train_texts = [render(messages=r["messages"]) for d in DOMAINS for r in data[d]["train"]]
     tokenizer = train_tokenizer(train_texts, vocab_size)
@@ -220,9 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=3, help="operations per math problem (difficulty)")
     ap.add_argument("--digits", type=int, default=2, help="digits per operand (difficulty)")
+    ap.add_argument("--math-digits", type=int, default=None, help="digits per math operand (default: --digits)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     args = ap.parse_args(argv)
-    hashes = build(Path(args.out), args.seed, args.steps, args.digits, args.vocab_size)
+    hashes = build(Path(args.out), args.seed, args.steps, args.digits, args.vocab_size, args.math_digits)
     for path, digest in hashes.items():
         print(f"{digest[:16]}  {path}")
 

@@ -1,0 +1,109 @@
+"""jobs/sweep.py on local Ray with the tiny recipes: Train inside Tune, ASHA, restore, results, best recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tah.config import LabelConfig, TrainConfig, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = ["train.max_steps=4", "train.global_batch=4", "train.micro_batch=2", "train.eval_every=2",
+         "train.checkpoint_every=4", "asha.grace_period=1", "eval.limit=6", "eval.max_tokens=24", "eval.batch_size=6",
+         "eval.max_model_len=512", "train.max_length=512"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import ray
+
+    from jobs.common import init_ray
+    from jobs.label import run as label
+
+    root = tmp_path_factory.mktemp("sweep")
+    init_ray(num_cpus=2)
+    label(LabelConfig(reference_model=str(ROOT / "models/tiny-base"), source=str(ROOT / "data/tinytask"),
+                      tokenizer=str(ROOT / "data/tinytask/tokenizer"), output=str(root / "labels"),
+                      samples_per_domain=12, num_shards=2, validation_fraction=0.25))
+    yield root
+    ray.shutdown()
+
+
+def _cfg(root: Path, recipe: str, *extra: str):
+    from jobs.sweep import SweepConfig
+
+    return load_config(SweepConfig, ROOT / "jobs/configs/sweep" / recipe, [
+        f"output={root / 'sweeps'}", f"train.labels={root / 'labels'}", f"eval.labels={root / 'labels'}",
+        f"train.base_model={ROOT / 'models/tiny-base'}", *SHORT, *extra])
+
+
+def test_train_sweep_asha_restore_and_best_recipe(setup):
+    from jobs.sweep import run
+    from jobs.train import run as train_run
+
+    cfg = _cfg(setup, "tiny-train.yaml", "lora_ranks=[2,4]", "prune_layers=[1]")
+    rows = run(cfg)
+    out = setup / "sweeps" / "tiny-train"
+    assert sorted(r["trial"] for r in rows) == ["r2-prune-1-lr0.002", "r4-prune-1-lr0.002"]
+    done = [r for r in rows if r["status"] == "done"]
+    assert done and all(r["status"] in ("done", "stopped") for r in rows)
+    for r in done:  # a finished trial trained both stages and was evaluated
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["val_loss"] > 0 and r["decider_val_loss"] > 0
+        assert Path(r["checkpoint"], "tah_config.json").exists()
+        if r["prune_layer"] == 1:  # the pruned layer is the one asked for, and its perplexity cost is reported
+            assert r["pruned_layer"] == 1 and "ppl_increase" in r
+    for r in rows:  # ASHA's metric reached Tune from the Train workers (stage-1 validation reports)
+        assert r["val_loss"] > 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["best"] in {r["trial"] for r in done}
+    assert (out / "results.md").read_text().count("| r") == 2
+    assert (out / "lora_rank.png").stat().st_size > 1000
+
+    # The best recipe is a jobs/train.py recipe with the best trial's settings, and it trains.
+    best = next(r for r in rows if r["trial"] == res["best"])
+    tc = load_config(TrainConfig, out / "best.yaml", ["max_steps=2", "eval_every=2", "checkpoint_every=2",
+                                                      f"storage_path={setup / 'best'}", "name=best"])
+    assert tc.model.lora.r == best["lora_r"] and tc.prune == (best["prune_layer"] != -1)
+    finals = train_run(tc)
+    assert Path(finals["stage2"], "tah_config.json").exists()
+
+    # A second run of the same command restores the experiment: nothing retrains.
+    stamp = {p: p.stat().st_mtime for p in (setup / "sweeps" / "tiny-train" / "trials").rglob("result.json")}
+    again = run(cfg)
+    assert [(r["trial"], r["status"]) for r in again] == [(r["trial"], r["status"]) for r in rows]
+    assert {p: p.stat().st_mtime for p in stamp} == stamp
+
+
+def test_threshold_sweep_is_evaluation_only(setup):
+    from jobs.sweep import run
+
+    ckpt = next((setup / "sweeps" / "tiny-train" / "trials").glob("*/stage2/model"), None)
+    if ckpt is None:
+        pytest.skip("needs the train sweep's checkpoints")
+    cfg = _cfg(setup, "tiny-threshold.yaml", f"checkpoint={ckpt}", "thresholds=[0.0,1.0]")
+    rows = {r["threshold"]: r for r in run(cfg)}
+    assert set(rows) == {0.0, 1.0} and all(r["status"] == "done" for r in rows.values())
+    # Threshold 1.0: nothing iterates; 0.0: every generated token does (sigmoid > 0).
+    assert rows[1.0]["pct_iterated"] == 0.0 and rows[0.0]["pct_iterated"] == pytest.approx(100.0)
+    assert rows[1.0]["token_pct_iterated"] == 0.0
+    assert rows[1.0]["token_acc"] == pytest.approx(rows[1.0]["token_acc_depth1"])
+    out = setup / "sweeps" / "tiny-threshold"
+    assert (out / "threshold.png").stat().st_size > 1000
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["model"]["threshold"] in (0.0, 1.0)
+
+
+def test_sweep_config_errors():
+    from jobs.sweep import SweepConfig
+
+    with pytest.raises(ValueError, match="kind"):
+        SweepConfig(kind="random")
+    with pytest.raises(ValueError, match="thresholds"):
+        SweepConfig(thresholds=[1.5])
+    with pytest.raises(ValueError, match="method"):
+        SweepConfig(kind="train", train=from_dict(TrainConfig, {"method": "standard", "model": {"max_depth": 1}}))
+    with pytest.raises(ValueError, match="prune_layer"):
+        TrainConfig(prune_layer=1)
