@@ -290,7 +290,8 @@ def best_recipe(cfg: SweepConfig, best: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_results(cfg: SweepConfig, rows: list[dict[str, Any]]) -> Path:
-    """results.{md,json}, plots and best.yaml, written locally under output/name (S3: then uploaded)."""
+    """results.{md,json}, plots and best.yaml under output/name, beside Tune's own files (for an
+    s3:// output written in a scratch directory, then uploaded)."""
     import tempfile
 
     import yaml
@@ -316,7 +317,7 @@ def write_results(cfg: SweepConfig, rows: list[dict[str, Any]]) -> Path:
                                                      "best": best and best["trial"]}, indent=2) + "\n")
     plot(cfg, rows, local)
     if storage.is_s3(cfg.output):
-        storage.upload_dir(local, storage.join(cfg.output, cfg.name, "summary"))
+        storage.upload_dir(local, storage.join(cfg.output, cfg.name))
     return local
 
 

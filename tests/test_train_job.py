@@ -86,6 +86,32 @@ def test_tah_stages_train_what_they_should(setup):
     assert run(cfg) == out
 
 
+def test_a_rank_without_hard_tokens_still_trains(setup, tmp_path):
+    """Rank 1's rows carry no hard token, so depth 2 (and the LoRA weights) never run there; both ranks
+    must still reduce the same gradients under ZeRO-2, or gloo aborts the run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.train import run
+    from tah.data.labeling import read_labels
+
+    table = read_labels(str(setup / "labels"))
+    train_idx = [i for i, v in enumerate(table.column("is_validation").to_pylist()) if not v]
+    easy = set(train_idx[len(train_idx) // 2:])  # label_splits gives rank 1 the second half, in order
+    # Training depths come from the reference's mismatches (the oracle), so those are what goes.
+    for col in ("ref_mismatch", "depth"):
+        easy_value = 0 if col == "ref_mismatch" else 1
+        vals = [[easy_value] * len(v) if i in easy else v for i, v in enumerate(table.column(col).to_pylist())]
+        table = table.set_column(table.schema.get_field_index(col), col, pa.array(vals, type=table.schema.field(col).type))
+    hard = table.column("ref_mismatch").to_pylist()
+    assert all(any(hard[i]) for i in train_idx if i not in easy) and not any(any(hard[i]) for i in easy)
+    (tmp_path / "labels").mkdir()
+    pq.write_table(table, tmp_path / "labels" / "shard-00000.parquet")
+    out = run(_cfg(setup, "easyrank", method="tah", labels=str(tmp_path / "labels"), max_steps=2, eval_every=2,
+                   checkpoint_every=2))
+    assert Path(out["stage2"], "tah_config.json").exists()
+
+
 @pytest.mark.parametrize("method", ["standard", "always_think"])
 def test_baselines_share_the_code_path(setup, method):
     from jobs.train import run

@@ -145,12 +145,19 @@ def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]
         writer = SummaryWriter(os.path.join(hooks.log_dir, stage))
         jsonl = os.path.join(hooks.log_dir, stage, "metrics.jsonl")
 
+    # A micro-batch without hard tokens skips depth 2, so the LoRA weights get no gradient on that
+    # rank; ZeRO's bucketed all-reduce then differs in size between ranks and gloo aborts. A
+    # zero-weighted touch keeps every skippable weight in the graph on every rank.
+    skippable = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n] if stage == "stage1" else []
+
     def forward(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if stage == "stage2":
             out = engine(b["input_ids"], attention_mask=b["attention_mask"], depths=b["depths"], return_logits=False)
             return decider_loss(out.decider_logits, b["depths"], b["positions"], weight)
         out = engine(b["input_ids"], attention_mask=b["attention_mask"], depths=b["depths"], labels=b["labels"],
                      return_decider_logits=False, return_logits=False)
+        if skippable and not bool((b["depths"] > 1).any()):
+            return out.loss + 0.0 * sum(p.reshape(-1)[0] for p in skippable), {}
         return out.loss, {}
 
     def validate() -> float:
