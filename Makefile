@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/label_throughput.py
 	$(PY) bench/engine.py
 	$(PY) bench/serve.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -6,8 +6,9 @@ DeepSpeed ZeRO-2 over gloo), serving tokens/s vs Serve replicas (serve/tah.py, c
     python bench/scale.py --hidden 512 --layers 8 --samples 96
 
 Prints one table of tokens/s per unit count and the 2 ÷ 1 ratio. On a 2-core machine the ideal ratio
-is at most 2 and each unit's torch threads compete for the same cores: read the ratio as what a second
-unit buys *here*; on a cluster each unit brings its own GPU (see the README's scale notes).
+is at most 2 and each unit's torch threads compete for the same cores (the label actors share the CPU
+left beside Ray Data's read tasks: 1 x 1 CPU vs 2 x 0.5): read the ratio as what a second unit buys
+*here*; on a cluster each unit brings its own GPU (see the README's scale notes).
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ sys.path.insert(0, str(ROOT))
 from jobs.common import init_ray  # noqa: E402  (before ray: keeps it on 127.0.0.1)
 
 
-def label_tok_s(reference: str, out: Path, actors: int, samples: int) -> float:
+def label_tok_s(reference: str, out: Path, actors: int, samples: int, actor_cpus: float) -> float:
     from jobs.label import run
     from tah.config import LabelConfig
 
     t0 = time.perf_counter()
     run(LabelConfig(reference_model=reference, source=str(ROOT / "data/tinytask"),
                     tokenizer=str(ROOT / "data/tinytask/tokenizer"), output=str(out), samples_per_domain=samples,
-                    num_shards=4, shards_per_wave=4, num_actors=actors, batch_size=16, validation_fraction=0.1))
+                    num_shards=4, shards_per_wave=4, num_actors=actors, actor_cpus=actor_cpus, batch_size=16,
+                    validation_fraction=0.1))
     seconds = time.perf_counter() - t0
     return json.loads((out / "manifest.json").read_text())["tokens"] / seconds
 
@@ -112,8 +114,11 @@ def main() -> None:
     init_ray(num_cpus=2)
     res: dict[str, dict[int, float]] = {"label (reference actors)": {}, "train (Train workers, ZeRO-2)": {},
                                         "serve (Serve replicas)": {}}
+    # The read/tokenize tasks need a CPU beside the actors: on this machine 1 x 1 CPU vs 2 x 0.5 CPU.
+    cpus = int(ray.cluster_resources()["CPU"])
     for n in (1, 2):
-        res["label (reference actors)"][n] = label_tok_s(str(tmp / "base"), tmp / f"labels{n}", n, args.samples)
+        res["label (reference actors)"][n] = label_tok_s(str(tmp / "base"), tmp / f"labels{n}", n, args.samples,
+                                                         min(1.0, (cpus - 1) / n))
     for n in (1, 2):
         res["train (Train workers, ZeRO-2)"][n] = train_tok_s(str(tmp / "base"), str(tmp / "labels1"), tmp / "runs",
                                                               n, args.steps)

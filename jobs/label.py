@@ -64,6 +64,19 @@ def read_normalized(cfg: LabelConfig) -> ray.data.Dataset:
                           fn_kwargs={"num_shards": cfg.num_shards, "validation_fraction": cfg.validation_fraction})
 
 
+def check_cpus(cfg: LabelConfig) -> None:
+    """CPU actors that reserve every CPU of the cluster leave none for the read and tokenize tasks
+    that feed them: the job would wait forever, so it is refused up front."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    held = 0 if cfg.use_gpu else cfg.num_actors * cfg.actor_cpus
+    if not cfg.use_gpu and cpus and held > cpus - 1:
+        raise SystemExit(f"num_actors={cfg.num_actors} x actor_cpus={cfg.actor_cpus} would hold {held:g} of the "
+                         f"cluster's {cpus:g} CPUs, leaving none for Ray Data's read tasks (the job would hang): "
+                         f"lower num_actors or set actor_cpus <= {max(cpus - 1, 0) / cfg.num_actors:g}")
+
+
 def check_output(cfg: LabelConfig) -> None:
     """The output either is new (record the settings) or was made with exactly these settings."""
     uri = storage.join(cfg.output, CONFIG_NAME)
@@ -81,6 +94,7 @@ def run(cfg: LabelConfig) -> dict:
     """Label every pending shard and write the manifest; returns the manifest."""
     if not cfg.reference_model:
         raise SystemExit("reference_model is required (a local dir, hub id or s3:// checkpoint)")
+    check_cpus(cfg)
     t0 = time.time()
     check_output(cfg)
     index = read_normalized(cfg).select_columns(["id", "domain", "shard", "status"]).to_pandas()
@@ -108,6 +122,7 @@ def run(cfg: LabelConfig) -> dict:
                                fn_kwargs={"tokenizer_path": cfg.tokenizer, "max_response_tokens": cfg.max_response_tokens})
                   .map_batches(L.ReferenceLabeler, batch_format="numpy", batch_size=cfg.batch_size,
                                compute=ActorPoolStrategy(size=cfg.num_actors), num_gpus=1 if cfg.use_gpu else 0,
+                               num_cpus=cfg.actor_cpus,
                                fn_constructor_kwargs={"model_path": cfg.reference_model, "max_depth": cfg.max_depth,
                                                       "metric": cfg.metric, "dtype": cfg.dtype}))
             # The driver gathers the wave by shard and commits each shard as one object. (A Ray groupby

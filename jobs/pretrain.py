@@ -38,7 +38,7 @@ class PretrainConfig:
     intermediate_size: int = 384
     seq_len: int = 256
     batch: int = 16
-    steps: int = 600
+    steps: int = 2400
     lr: float = 3e-3
     warmup: int = 30
     seed: int = 0

@@ -111,7 +111,7 @@ def trial_name(point: dict[str, Any]) -> str:
 def trial_train_config(cfg: SweepConfig, point: dict[str, Any]) -> TrainConfig:
     """The template recipe with this trial's settings (LoRA alpha scaled with the rank)."""
     t = cfg.train
-    lora = dataclasses.replace(t.model.lora, r=point["lora_r"], alpha=t.model.lora.alpha * point["lora_r"] // t.model.lora.r)
+    lora = dataclasses.replace(t.model.lora, r=point["lora_r"], alpha=max(1, t.model.lora.alpha * point["lora_r"] // t.model.lora.r))
     layer = point["prune_layer"]
     return dataclasses.replace(t, model=dataclasses.replace(t.model, lora=lora), lr=point["lr"], prune=layer != -1,
                                prune_layer=layer if layer >= 0 else None)

@@ -243,6 +243,9 @@ class LabelConfig:
     shards_per_wave: int = 8
     """Shards processed (and committed) per pass of the Ray Data pipeline."""
     num_actors: int = 1
+    actor_cpus: float = 1.0
+    """CPUs each reference actor reserves (CPU runs): the actors together must leave at least one CPU
+    for Ray Data's read and tokenize tasks, e.g. 2 actors x 0.5 on a 2-CPU machine."""
     """Reference-model actors (one GPU each when use_gpu)."""
     batch_size: int = 16
     """Samples per actor call."""
@@ -266,7 +269,7 @@ class LabelConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that determine the labels; a re-run into the same output must match them."""
         d = to_dict(self)
-        for k in ("output", "shards_per_wave", "num_actors", "batch_size", "use_gpu"):
+        for k in ("output", "shards_per_wave", "num_actors", "actor_cpus", "batch_size", "use_gpu"):
             d.pop(k)
         return d
 

@@ -84,6 +84,23 @@ def test_ray_job_equals_plain_loop(ref_model, ray_session, tmp_path):
         run(_cfg(ref_model, tmp_path / "labels", seed=1))
 
 
+def test_actors_that_would_hold_every_cpu_are_refused(ref_model, ray_session, tmp_path):
+    """2 CPU actors on a 2-CPU cluster leave Ray Data's read tasks no CPU (the job would hang): refused
+    before anything is written; 2 actors x 0.5 CPU run and give the same labels as one actor."""
+    from jobs.label import run
+
+    with pytest.raises(SystemExit, match="leaving none for Ray Data's read tasks"):
+        run(_cfg(ref_model, tmp_path / "refused", num_actors=2))
+    assert not (tmp_path / "refused").exists()
+    one = run(_cfg(ref_model, tmp_path / "one", samples_per_domain=3, num_shards=1, shards_per_wave=1))
+    two = run(_cfg(ref_model, tmp_path / "two", samples_per_domain=3, num_shards=1, shards_per_wave=1,
+                   num_actors=2, actor_cpus=0.5))
+    assert one["samples"] == two["samples"] == 9
+    key = lambda r: r["sample_id"]  # noqa: E731
+    a, b = (sorted(read_labels(str(tmp_path / d)).to_pylist(), key=key) for d in ("one", "two"))
+    assert [r["depth"] for r in a] == [r["depth"] for r in b]
+
+
 def test_kill_and_resume_is_exactly_once(ref_model, ray_session, tmp_path):
     from jobs.label import FAIL_AFTER_WAVES, run
 

@@ -11,8 +11,8 @@ import yaml
 from tah.config import LabelConfig, TrainConfig, from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ["train.max_steps=4", "train.global_batch=4", "train.micro_batch=2", "train.eval_every=2",
-         "train.checkpoint_every=4", "asha.grace_period=1", "eval.limit=6", "eval.max_tokens=24", "eval.batch_size=6",
+SHORT = ["train.max_steps=2", "train.global_batch=4", "train.micro_batch=2", "train.eval_every=1",
+         "train.checkpoint_every=2", "asha.grace_period=1", "eval.limit=3", "eval.max_tokens=16", "eval.batch_size=3",
          "eval.max_model_len=512", "train.max_length=512"]
 
 

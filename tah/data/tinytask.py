@@ -8,7 +8,9 @@ Mixture-of-Thoughts' math / code / science, each with a checkable answer.
 - science  multiple choice built from rules (speed, density, Ohm's law, ...); answered \\boxed{B}.
 
 Most tokens are template (easy); the results of operations are genuinely hard for a small model.
-Difficulty is set by `--steps` and `--digits`. Rows are {"messages": [user, assistant], "num_tokens",
+Difficulty is set by `--steps`, `--math-digits` and `--digits` (defaults: 1-2 operations on 1-digit
+operands, which the shipped 0.9 M base learns to ~85 %; 3 steps of 2 digits it never learns, see
+docs/results.md). Rows are {"messages": [user, assistant], "num_tokens",
 "source", "answer", "tests"}; files are `<domain>/{train,validation,test}-00000-of-00001.jsonl`.
 The tokenizer is a byte-level BPE (digits split one per token) with a Qwen3-style chat template.
 
@@ -141,10 +143,10 @@ def make_science(rng: random.Random, steps: int, digits: int) -> dict[str, Any]:
 MAKERS = {"math": make_math, "code": make_code, "science": make_science}
 
 
-def generate(seed: int = 0, steps: int = 3, digits: int = 2, sizes: dict[str, int] | None = None,
-             math_digits: int | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
+def generate(seed: int = 0, steps: int = 2, digits: int = 2, sizes: dict[str, int] | None = None,
+             math_digits: int | None = 1) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """{domain: {split: rows}} with no question shared between splits (deduplicated on the text).
-    `math_digits` (default: `digits`) sets the math operands apart from code and science, whose
+    `math_digits` (None or 0: `digits`) sets the math operands apart from code and science, whose
     question pools need 2 digits to hold enough distinct questions."""
     sizes = sizes or SPLITS
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -155,7 +157,7 @@ def generate(seed: int = 0, steps: int = 3, digits: int = 2, sizes: dict[str, in
         for split in ("test", "validation", "train"):  # held-out splits first: they get first pick
             rows, misses = [], 0
             while len(rows) < sizes[split]:
-                ex = MAKERS[domain](rng, steps, math_digits or digits if domain == "math" else digits)
+                ex = MAKERS[domain](rng, steps, (math_digits or digits) if domain == "math" else digits)
                 if ex["question"] in seen:
                     misses += 1
                     if misses > 100 * sizes[split]:
@@ -197,8 +199,8 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def build(out: Path, seed: int = 0, steps: int = 3, digits: int = 2, vocab_size: int = 2048,
-          math_digits: int | None = None) -> dict[str, str]:
+def build(out: Path, seed: int = 0, steps: int = 2, digits: int = 2, vocab_size: int = 2048,
+          math_digits: int | None = 1) -> dict[str, str]:
     """Write the task and tokenizer under `out`; return {relative path: sha256} of every file."""
     from jinja2 import Template
 
@@ -221,9 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Generate the shipped tiny reasoning task and its tokenizer.")
     ap.add_argument("--out", default="data/tinytask")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3, help="operations per math problem (difficulty)")
+    ap.add_argument("--steps", type=int, default=2, help="operations per math problem (difficulty)")
     ap.add_argument("--digits", type=int, default=2, help="digits per operand (difficulty)")
-    ap.add_argument("--math-digits", type=int, default=None, help="digits per math operand (default: --digits)")
+    ap.add_argument("--math-digits", type=int, default=1, help="digits per math operand (0: as --digits)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     args = ap.parse_args(argv)
     hashes = build(Path(args.out), args.seed, args.steps, args.digits, args.vocab_size, args.math_digits)
