@@ -390,4 +390,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the package's copy: Ray pickles a __main__ function by value, and the trials' configs would
+    # then resolve their type hints against this script's globals instead of jobs.sweep's.
+    from jobs.sweep import main as package_main
+
+    package_main()

@@ -78,13 +78,21 @@ def test_train_sweep_asha_restore_and_best_recipe(setup):
 
 
 def test_threshold_sweep_is_evaluation_only(setup):
-    from jobs.sweep import run
+    """As the README runs it: `python jobs/sweep.py --config ...` in its own process (its own Ray)."""
+    import os
+    import subprocess
+    import sys
 
     ckpt = next((setup / "sweeps" / "tiny-train" / "trials").glob("*/stage2/model"), None)
     if ckpt is None:
         pytest.skip("needs the train sweep's checkpoints")
-    cfg = _cfg(setup, "tiny-threshold.yaml", f"checkpoint={ckpt}", "thresholds=[0.0,1.0]")
-    rows = {r["threshold"]: r for r in run(cfg)}
+    args = [f"output={setup / 'sweeps'}", f"eval.labels={setup / 'labels'}", *SHORT, f"checkpoint={ckpt}",
+            "thresholds=[0.0,1.0]"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "jobs/sweep.py", "--config", "jobs/configs/sweep/tiny-threshold.yaml",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {r["threshold"]: r for r in json.loads((setup / "sweeps/tiny-threshold/results.json").read_text())["rows"]}
     assert set(rows) == {0.0, 1.0} and all(r["status"] == "done" for r in rows.values())
     # Threshold 1.0: nothing iterates; 0.0: every generated token does (sigmoid > 0).
     assert rows[1.0]["pct_iterated"] == 0.0 and rows[0.0]["pct_iterated"] == pytest.approx(100.0)
