@@ -46,7 +46,8 @@ class _DepthView:
     spec: DuoCausalSpec
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
-               layer_idx: int, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+               layer_idx: int, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's attention calls this; extra arguments (cache_kwargs, or kwargs= since 5.24) are unused."""
         raise NotImplementedError
 
 
@@ -97,7 +98,7 @@ class _PackedView(_DepthView):
                  visible: tuple[int, int], sel) -> None:
         self.store, self.depth, self.rows, self.spec, self.visible, self.sel = store, depth, rows, spec, visible, sel
 
-    def update(self, key_states, value_states, layer_idx, *args):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         st, d = self.store, self.depth
         st.k[layer_idx][d] = st._full(key_states, self.rows)
         st.v[layer_idx][d] = st._full(value_states, self.rows)
@@ -254,7 +255,7 @@ class _MixedView(_DepthView):
     def __init__(self, cache: TaHCache, r, d0, slot, n_vis: int, spec: MixedDecodeSpec) -> None:
         self.cache, self.r, self.d0, self.slot, self.n_vis, self.spec = cache, r, d0, slot, n_vis, spec
 
-    def update(self, key_states, value_states, layer_idx, *args):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         c = self.cache
         kb, vb = c.k[layer_idx], c.v[layer_idx]
         kb[self.r, :, self.d0, self.slot] = key_states[:, :, 0].to(kb.dtype)  # (n, Hkv, D)
@@ -269,7 +270,7 @@ class _CacheView(_DepthView):
         self.cache, self.depth, self.rows, self.spec, self.visible = cache, depth, rows, spec, visible
         self.write_rows, self.bi, self.qi, self.slots = write_rows, bi, qi, slots
 
-    def update(self, key_states, value_states, layer_idx, *args):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         c, d = self.cache, self.depth
         kb, vb = c.k[layer_idx], c.v[layer_idx]
         # (N, Hkv, D) scattered into each valid query's slot of this depth.
