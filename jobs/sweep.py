@@ -14,6 +14,11 @@ ASHA stops trials whose stage-1 validation loss lags. Trials are named after the
 re-running the same command restores the experiment (`Tuner.restore`): finished trials are kept,
 unfinished ones resume from their Train checkpoints. Writes `<output>/<name>/results.{md,json}`,
 PNG plots, and `best.yaml`: the best setting as a recipe for `python jobs/train.py --config`.
+
+Known problem (open): when ASHA stops a train trial, Tune kills the trial actor while its TorchTrainer
+runs, and that run's worker-group placement group stays reserved (seen on Ray 2.60: two CPUs held
+after the sweep ended). On a small cluster everything scheduled after it waits; set
+`asha.grace_period` above the number of stage-1 validations to keep ASHA from stopping trials.
 """
 
 from __future__ import annotations
