@@ -66,8 +66,9 @@ def test_tah_stages_train_what_they_should(setup):
     out = run(cfg)
     s1, s2 = Path(out["stage1"]), Path(out["stage2"])
     l1, l2 = _losses(root, "tah", "stage1"), _losses(root, "tah", "stage2")
-    assert len(l1) == 4 and l1[-1] < l1[0]
-    assert len(l2) == 4 and l2[-1] < l2[0]
+    # Four steps on different batches: the losses are logged and finite; what each stage trains is
+    # checked on the weights below (a first-vs-last loss comparison flipped with the data).
+    assert len(l1) == 4 and len(l2) == 4 and all(x == x and abs(x) < 1e6 for x in l1 + l2)
     # What stage 1 started from: the same seeded construction as the workers'.
     from transformers import AutoModelForCausalLM
 
