@@ -38,7 +38,13 @@ def absolute_local(path: str | None) -> str | None:
     return str(Path(path).resolve())
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray on 127.0.0.1.
+
+    dashboard=True also starts the dashboard (on 8265, or a free port when that one is taken): its
+    state API is how Ray Train's placement-group cleaner sees a controller die, which is what frees
+    the workers of a Train run that Tune stopped (jobs/sweep.py). Other jobs skip its start-up cost.
+    """
     import ray
 
     if ray.is_initialized():
@@ -48,5 +54,18 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_DEFAULT_REGION", "AWS_REGION", "TAH_CACHE") if k in os.environ}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": env} if env else None, log_to_driver=False)
+    extra = {"include_dashboard": True, "dashboard_port": _free_port(8265)} if dashboard else {"include_dashboard": False}
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": env} if env else None, log_to_driver=False, **extra)
+
+
+def _free_port(preferred: int) -> int:
+    """preferred when nothing listens on it, else 0 (the OS picks)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            return 0
+    return preferred

@@ -47,8 +47,6 @@ def _has_gpu() -> bool:
 
 
 def run(cfg) -> list[dict]:
-    import tempfile
-
     from tah import storage
     from tah.eval.benchmarks import load_benchmark
     from tah.eval.harness import summarize, write_records, write_summary
@@ -60,24 +58,21 @@ def run(cfg) -> list[dict]:
     cfg = dataclasses.replace(cfg, models={k: absolute_local(v) for k, v in cfg.models.items()},
                               tokenizer=absolute_local(cfg.tokenizer))
     # Records and summaries are written locally; an s3:// output gets them uploaded at the end.
-    remote = storage.is_s3(cfg.output)
-    out = Path(tempfile.mkdtemp(prefix="tah-eval-")) if remote else Path(cfg.output)
-    rows = []
-    for name, path in cfg.models.items():
-        records = evaluate_model(name, path, problems, cfg)
-        for bench in cfg.benchmarks:
-            write_records(out / name / f"{bench}.jsonl", [r for r in records if r["benchmark"] == bench])
-        rows += summarize(name, records)
-        print(f"[eval] {name}: " + ", ".join(f"{r['benchmark']} {r['accuracy']:.3f}" for r in rows
-                                             if r["model"] == name), flush=True)
-        if cfg.labels and cfg.policies.get(name, "decider") == "decider":
-            from tah.eval.analysis import analyze
+    with storage.staged_dir(cfg.output, prefix="tah-eval-") as out:
+        rows = []
+        for name, path in cfg.models.items():
+            records = evaluate_model(name, path, problems, cfg)
+            for bench in cfg.benchmarks:
+                write_records(out / name / f"{bench}.jsonl", [r for r in records if r["benchmark"] == bench])
+            rows += summarize(name, records)
+            print(f"[eval] {name}: " + ", ".join(f"{r['benchmark']} {r['accuracy']:.3f}" for r in rows
+                                                 if r["model"] == name), flush=True)
+            if cfg.labels and cfg.policies.get(name, "decider") == "decider":
+                from tah.eval.analysis import analyze
 
-            analyze(path, cfg.labels, out / name / "analysis")
-    write_summary(out, rows)
-    if remote:
-        storage.upload_dir(out, cfg.output)
-    print((out / "summary.md").read_text(), flush=True)
+                analyze(path, cfg.labels, out / name / "analysis")
+        write_summary(out, rows)
+        print((out / "summary.md").read_text(), flush=True)
     return rows
 
 

@@ -164,17 +164,12 @@ def _check_base(base: str) -> None:
 
 
 def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    import tempfile
-
     from jobs.eval import run as eval_run
     from tah import storage
 
     t0 = time.time()
-    remote = storage.is_s3(cfg.output)
-    if not remote:
+    if not storage.is_s3(cfg.output):
         cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).resolve()))
-    # Evaluation records and results are files a person reads: written locally, uploaded when remote.
-    out = Path(tempfile.mkdtemp(prefix="tah-experiment-")) if remote else Path(cfg.output)
     _check_base(cfg.base_model)
     finals: dict[str, str] = {}
     if "standard" in cfg.methods or not cfg.reference_model:
@@ -189,15 +184,17 @@ def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     # The held-out split of the task trained on (the tinytask reader's default is the shipped copy).
     own = "tinytask" in cfg.eval.benchmarks and "tinytask" not in cfg.eval.sources and Path(cfg.source, "math").is_dir()
     sources = {**cfg.eval.sources, **({"tinytask": cfg.source} if own else {})}
-    ecfg = dataclasses.replace(cfg.eval, models=finals, policies={m: METHODS[m][2] for m in finals}, sources=sources,
-                               output=str(out / "eval"), labels=labels, tokenizer=cfg.tokenizer, seed=cfg.seed)
-    summary = eval_run(ecfg)
-    rows = results_table(cfg, finals, summary, out)
-    write_results(cfg, rows, time.time() - t0, out)
-    if remote:
-        storage.upload_dir(out, cfg.output)
+    # Evaluation records and results are files a person reads: written locally, uploaded when remote.
+    with storage.staged_dir(cfg.output, prefix="tah-experiment-") as out:
+        ecfg = dataclasses.replace(cfg.eval, models=finals, policies={m: METHODS[m][2] for m in finals},
+                                   sources=sources, output=str(out / "eval"), labels=labels, tokenizer=cfg.tokenizer,
+                                   seed=cfg.seed)
+        summary = eval_run(ecfg)
+        rows = results_table(cfg, finals, summary, out)
+        write_results(cfg, rows, time.time() - t0, out)
+        print((out / "results.md").read_text(), flush=True)
+    if storage.is_s3(cfg.output):
         print(f"[experiment] evaluation and results uploaded to {cfg.output}", flush=True)
-    print((out / "results.md").read_text(), flush=True)
     return rows
 
 

@@ -15,10 +15,11 @@ re-running the same command restores the experiment (`Tuner.restore`): finished 
 unfinished ones resume from their Train checkpoints. Writes `<output>/<name>/results.{md,json}`,
 PNG plots, and `best.yaml`: the best setting as a recipe for `python jobs/train.py --config`.
 
-Known problem (open): when ASHA stops a train trial, Tune kills the trial actor while its TorchTrainer
-runs, and that run's worker-group placement group stays reserved (seen on Ray 2.60: two CPUs held
-after the sweep ended). On a small cluster everything scheduled after it waits; set
-`asha.grace_period` above the number of stage-1 validations to keep ASHA from stopping trials.
+A train trial that ASHA stops is killed while its TorchTrainer runs; Ray Train's placement-group
+cleaner then frees that run's workers, and it sees the controller die through the dashboard's state
+API. A local sweep therefore starts Ray with its dashboard, and a train sweep refuses to start on a
+cluster whose state API does not answer (without it each stopped trial would keep its workers'
+CPUs/GPUs reserved until the sweep's driver exits, and the trials after it would wait).
 """
 
 from __future__ import annotations
@@ -294,36 +295,33 @@ def best_recipe(cfg: SweepConfig, best: dict[str, Any]) -> dict[str, Any]:
     return to_dict(dataclasses.replace(tc, name=f"{cfg.train.name}-{best['trial']}"))
 
 
-def write_results(cfg: SweepConfig, rows: list[dict[str, Any]]) -> Path:
+def write_results(cfg: SweepConfig, rows: list[dict[str, Any]]) -> str:
     """results.{md,json}, plots and best.yaml under output/name, beside Tune's own files (for an
-    s3:// output written in a scratch directory, then uploaded)."""
-    import tempfile
-
+    s3:// output written in a scratch directory, then uploaded). Prints the table; returns where."""
     import yaml
 
     from tah import storage
     from tah.eval.harness import markdown_table
 
-    local = Path(cfg.output, cfg.name) if not storage.is_s3(cfg.output) else Path(tempfile.mkdtemp())
-    local.mkdir(parents=True, exist_ok=True)
+    target = storage.join(cfg.output, cfg.name)
     best = best_row(cfg, rows)
-    md = [f"# Sweep {cfg.name} ({cfg.kind}, {len(rows)} trials)", "",
-          markdown_table(rows, tuple(c for c in COLUMNS[cfg.kind] if any(c in r for r in rows))), ""]
-    if best is not None:
-        md.append(f"Best by {cfg.select}: **{best['trial']}** -> `best.yaml` "
-                  f"(`python jobs/train.py --config {storage.join(cfg.output, cfg.name, 'best.yaml')}`)")
-        recipe = best_recipe(cfg, best)
-        head = f"# Best trial of sweep {cfg.name} by {cfg.select}: {best['trial']} ({cfg.select} {best[cfg.select]:.4f})\n"
-        (local / "best.yaml").write_text(head + yaml.safe_dump(recipe, sort_keys=False))
-    else:
-        md.append("No trial finished: no best recipe written.")
-    (local / "results.md").write_text("\n".join(md) + "\n")
-    (local / "results.json").write_text(json.dumps({"kind": cfg.kind, "select": cfg.select, "rows": rows,
-                                                     "best": best and best["trial"]}, indent=2) + "\n")
-    plot(cfg, rows, local)
-    if storage.is_s3(cfg.output):
-        storage.upload_dir(local, storage.join(cfg.output, cfg.name))
-    return local
+    with storage.staged_dir(target, prefix="tah-sweep-") as local:
+        md = [f"# Sweep {cfg.name} ({cfg.kind}, {len(rows)} trials)", "",
+              markdown_table(rows, tuple(c for c in COLUMNS[cfg.kind] if any(c in r for r in rows))), ""]
+        if best is not None:
+            md.append(f"Best by {cfg.select}: **{best['trial']}** -> `best.yaml` "
+                      f"(`python jobs/train.py --config {storage.join(target, 'best.yaml')}`)")
+            recipe = best_recipe(cfg, best)
+            head = f"# Best trial of sweep {cfg.name} by {cfg.select}: {best['trial']} ({cfg.select} {best[cfg.select]:.4f})\n"
+            (local / "best.yaml").write_text(head + yaml.safe_dump(recipe, sort_keys=False))
+        else:
+            md.append("No trial finished: no best recipe written.")
+        (local / "results.md").write_text("\n".join(md) + "\n")
+        (local / "results.json").write_text(json.dumps({"kind": cfg.kind, "select": cfg.select, "rows": rows,
+                                                         "best": best and best["trial"]}, indent=2) + "\n")
+        plot(cfg, rows, local)
+        print((local / "results.md").read_text(), flush=True)
+    return target
 
 
 def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> None:
@@ -368,6 +366,22 @@ def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> None:
         plt.close(fig)
 
 
+def check_state_api(timeout: float = 10.0) -> None:
+    """A train sweep needs Ray's state API (served by the dashboard): Ray Train's placement-group
+    cleaner polls it to free the workers of a trial that ASHA stopped."""
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_nodes(limit=1, timeout=timeout, raise_on_missing_output=False)
+    except RayStateApiException as e:
+        raise SystemExit(
+            "a train sweep needs Ray's state API (the dashboard): without it the Train workers of a trial "
+            "that ASHA stops stay reserved and later trials wait. Start Ray with its dashboard "
+            "(`ray start --head` does; jobs.common.init_ray(dashboard=True) locally). "
+            f"The state API said: {str(e).splitlines()[0]}") from e
+
+
 def run(cfg: SweepConfig) -> list[dict[str, Any]]:
     from tah import storage
 
@@ -381,16 +395,17 @@ def run(cfg: SweepConfig) -> list[dict[str, Any]]:
                                  sources={k: absolute_local(v) for k, v in cfg.eval.sources.items()}))
     if cfg.kind == "threshold" and not (storage.is_s3(cfg.checkpoint) or Path(cfg.checkpoint, "tah_config.json").exists()):
         raise SystemExit(f"no TaH checkpoint at {cfg.checkpoint}: run `make run` first or pass checkpoint=")
+    if cfg.kind == "train":
+        check_state_api()
     results = tuner(cfg).fit()
     rows = collect(cfg, results)
-    out = write_results(cfg, rows)
-    print((out / "results.md").read_text(), flush=True)
+    write_results(cfg, rows)
     return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cfg = parse(SweepConfig, argv, __doc__.split("\n")[0])
-    init_ray()
+    init_ray(dashboard=cfg.kind == "train")
     return run(cfg)
 
 

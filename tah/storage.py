@@ -9,10 +9,12 @@ renamed; an S3 object becomes visible only when its PUT completes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -174,6 +176,23 @@ def publish_dir(local: str | Path, uri: str | Path, last: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(uri: str | Path, prefix: str = "tah-") -> Iterator[Path]:
+    """A local directory for files a person reads (tables, plots, records) that belong under uri:
+    uri itself when local; for s3:// a scratch directory whose files are uploaded when the block
+    ends without an error (a failed job uploads nothing half-written), then removed."""
+    if not is_s3(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        yield Path(uri)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+        upload_dir(tmp, str(uri))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def local_copy(uri: str | Path, cache_dir: str | Path | None = None) -> str:

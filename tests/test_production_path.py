@@ -1,19 +1,27 @@
-"""The README's production path, run as its CPU/tiny equivalent: the Qwen3-1.7B recipe scaled down to the
-shipped base and task, with every artifact on S3 (a moto server on 127.0.0.1), submitted as the same
-command line; then `serve run serve.tah:app model=s3://...` and a REST call against it."""
+"""The README's production path, run as its CPU/tiny equivalent: a Ray head started with `ray start
+--head` (the cluster), the Qwen3-1.7B recipe submitted to it with `ray job submit --working-dir . --
+python jobs/train.py ...`, scaled down to the shipped base and task, with every artifact on S3 (a moto
+server on 127.0.0.1); then `serve run serve.tah:app model=s3://...` and a REST call against it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # this venv's python, ray and serve
 # What the production recipe asks of a GPU cluster, brought down to 2 CPUs and a few steps.
 TINY = ["base_model=models/tiny-base", "source=data/tinytask", "tokenizer=data/tinytask/tokenizer",
         "label.samples_per_domain=12", "label.validation_fraction=0.25", "label.num_shards=2",
@@ -26,17 +34,86 @@ TINY = ["base_model=models/tiny-base", "source=data/tinytask", "tokenizer=data/t
         "eval.max_num_seqs=8", "eval.batch_size=6", "eval.num_actors=1", "eval.n_samples_per_benchmark={}"]
 
 
+SWEEP_TINY = ["output=s3://prod/sweeps", "lora_ranks=[4]", "prune_layers=[-1]", "max_concurrent_trials=1",
+              "train.base_model=s3://prod/sft/tiny", "train.labels=s3://prod/tah/tiny/labels",
+              *(o for o in TINY if o.startswith("train.")),
+              *(o for o in TINY if o.startswith("eval.") and "n_samples_per" not in o and "num_actors" not in o),
+              "eval.n_samples=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], tmp_path: Path):
+    """`ray start --head` on 127.0.0.1 with 2 CPUs; yields the job API address. --block ties the
+    head's processes to this one, so stopping it stops exactly this cluster (not `ray stop`, which
+    would stop every Ray on the machine)."""
+    dash = _free_port()
+    # Its own temp dir (short: Ray's unix sockets live there): the head writes its address file there,
+    # and a later plain `ray.init()` (serve run below) must not find this stopped cluster's address.
+    temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+                             f"--temp-dir={temp}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:  # the job API answers once the dashboard is up
+            assert head.poll() is None, head.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=5)
+                break
+            except urllib.error.HTTPError:  # it answers (401: token auth, which the CLI below passes)
+                break
+            except OSError:
+                assert time.time() < deadline, "ray start --head: no job API within 120 s"
+                time.sleep(1)
+        yield address
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_recipe_to_s3_then_serve_from_s3(s3_server, tmp_path):
     from tah import TaHForCausalLM, storage
 
     storage.s3_client().create_bucket(Bucket="prod")
     storage.upload_dir(ROOT / "models/tiny-base", "s3://prod/sft/tiny")  # stands in for the SFT reference
-    env = {**os.environ, **s3_server, "TAH_CACHE": str(tmp_path / "cache")}
+    # The head's environment is what its job inherits: the S3 endpoint, and this venv's python first.
+    env = {**os.environ, **s3_server, "TAH_CACHE": str(tmp_path / "cache"), "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "jobs/train.py", "--config", "jobs/configs/qwen3-1.7b/tah.yaml",
-           "output=s3://prod/tah/tiny", "reference_model=s3://prod/sft/tiny", *TINY]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # Ray 2.60's token auth, made explicit: the head, the CLI and the job share one token (the CLI sends
+    # none unless RAY_AUTH_MODE=token, while `ray start` turns auth on when ~/.ray/auth_token exists).
+    cluster_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    with ray_head(cluster_env, tmp_path) as address:
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+               "python", "jobs/train.py", "--config", "jobs/configs/qwen3-1.7b/tah.yaml",
+               "output=s3://prod/tah/tiny", "reference_model=s3://prod/sft/tiny", *TINY]
+        proc = subprocess.run(cmd, cwd=ROOT, env=cluster_env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert "succeeded" in proc.stdout  # ray job submit's own verdict
+        # The README's sweep, submitted the same way: the Qwen3 recipe cut to one trial on the labels
+        # and base above; Tune's experiment, the trial's Train checkpoints and the results all on S3.
+        sweep = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+                 "python", "jobs/sweep.py", "--config", "jobs/configs/sweep/qwen3-1.7b.yaml", *SWEEP_TINY]
+        proc = subprocess.run(sweep, cwd=ROOT, env=cluster_env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    res = json.loads(storage.read_bytes("s3://prod/sweeps/qwen3-1.7b-rank-layer/results.json"))
+    assert [(r["trial"], r["status"]) for r in res["rows"]] == [("r4-prune-none-lr4e-05", "done")]
+    assert res["best"] == "r4-prune-none-lr4e-05"
+    assert storage.exists("s3://prod/sweeps/qwen3-1.7b-rank-layer/best.yaml")
+    assert storage.exists("s3://prod/sweeps/qwen3-1.7b-rank-layer/trials/r4-prune-none-lr4e-05/stage2/model/tah_config.json")
 
     files = storage.list_files("s3://prod/tah/tiny")
     names = {f[len("s3://prod/tah/tiny/"):] for f in files}
@@ -55,7 +132,7 @@ def test_recipe_to_s3_then_serve_from_s3(s3_server, tmp_path):
     port = 8000  # `serve run` without a config file serves on Serve's default port
     serve = subprocess.Popen(["serve", "run", "serve.tah:app", f"model={ckpt}",
                               "tokenizer=data/tinytask/tokenizer", "max_model_len=512"],
-                             cwd=ROOT, env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+                             cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         body = json.dumps({"model": "tah", "messages": [{"role": "user", "content": "What is 3 + 4?"}],
