@@ -183,6 +183,25 @@ def test_save_and_load_through_s3(s3_server, tmp_path, monkeypatch):
         TaHForCausalLM.from_pretrained("s3://ckpt/runs/missing")
 
 
+def test_staged_dir_uploads_only_a_finished_block(s3_server, tmp_path):
+    """Job outputs a person reads (tables, plots) are staged locally: uploaded when the block ends,
+    nothing when it fails; a local target is written in place."""
+    from tah import storage
+
+    storage.s3_client().create_bucket(Bucket="res")
+    with pytest.raises(RuntimeError), storage.staged_dir("s3://res/failed") as out:
+        (out / "results.md").write_text("half")
+        raise RuntimeError("the job broke")
+    assert storage.list_files("s3://res/failed") == [] and not out.exists()
+    with storage.staged_dir("s3://res/done") as out:
+        (out / "sub").mkdir()
+        (out / "sub" / "results.md").write_text("table")
+    assert storage.read_bytes("s3://res/done/sub/results.md") == b"table" and not out.exists()
+    with storage.staged_dir(tmp_path / "local" / "run") as out:
+        (out / "results.md").write_text("table")
+    assert out == tmp_path / "local" / "run" and (out / "results.md").read_text() == "table"
+
+
 def test_pruning_picks_the_layer_that_contributes_nothing():
     """Train a tiny model to memorise text while layer 2 writes nothing to the residual stream; then
     removing layer 2 costs exactly 0 perplexity and removing any other layer costs some."""

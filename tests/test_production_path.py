@@ -37,8 +37,8 @@ TINY = ["base_model=models/tiny-base", "source=data/tinytask", "tokenizer=data/t
 SWEEP_TINY = ["output=s3://prod/sweeps", "lora_ranks=[4]", "prune_layers=[-1]", "max_concurrent_trials=1",
               "train.base_model=s3://prod/sft/tiny", "train.labels=s3://prod/tah/tiny/labels",
               *(o for o in TINY if o.startswith("train.")),
-              *(o for o in TINY if o.startswith("eval.") and "n_samples_per" not in o and "num_actors" not in o),
-              "eval.n_samples=1"]
+              "eval.benchmarks=[tinytask]", "eval.limit=3", "eval.max_tokens=16", "eval.max_model_len=512",
+              "eval.batch_size=3", "eval.max_num_seqs=8", "eval.n_samples=1"]
 
 
 def _free_port() -> int:
@@ -113,7 +113,10 @@ def test_recipe_to_s3_then_serve_from_s3(s3_server, tmp_path):
     assert [(r["trial"], r["status"]) for r in res["rows"]] == [("r4-prune-none-lr4e-05", "done")]
     assert res["best"] == "r4-prune-none-lr4e-05"
     assert storage.exists("s3://prod/sweeps/qwen3-1.7b-rank-layer/best.yaml")
-    assert storage.exists("s3://prod/sweeps/qwen3-1.7b-rank-layer/trials/r4-prune-none-lr4e-05/stage2/model/tah_config.json")
+    trial = "s3://prod/sweeps/qwen3-1.7b-rank-layer/trials/r4-prune-none-lr4e-05"
+    assert TaHForCausalLM.from_pretrained(f"{trial}/stage2/model").config.max_depth == 2
+    # Ray Train's own run directories (its checkpoints and state) live on S3 too.
+    assert any("/r4-prune-none-lr4e-05-stage1/" in f for f in storage.list_files("s3://prod/sweeps"))
 
     files = storage.list_files("s3://prod/tah/tiny")
     names = {f[len("s3://prod/tah/tiny/"):] for f in files}

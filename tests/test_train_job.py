@@ -151,27 +151,3 @@ def test_pruned_run_trains_one_layer_less(setup):
     assert sorted(deltas) == [0, 1, 2, 3] and report["pruned_layer"] == min(deltas, key=deltas.get)
     m = TaHForCausalLM.from_pretrained(out["stage1"])
     assert m.backbone.config.num_hidden_layers == 3
-
-
-def test_checkpoints_in_s3(setup, s3_server, tmp_path):
-    """Labels, base model and Ray Train storage on an S3-compatible server on 127.0.0.1; the final
-    model loads back with from_pretrained from its s3:// URI."""
-    import os
-    import subprocess
-    import sys
-
-    from tah import storage
-
-    root = setup
-    storage.s3_client().create_bucket(Bucket="train")
-    storage.upload_dir(root / "labels", "s3://train/labels")
-    storage.upload_dir(root / "base", "s3://train/base")
-    env = {**os.environ, **s3_server, "TAH_CACHE": str(tmp_path / "cache")}
-    args = [sys.executable, str(ROOT / "jobs/train.py"), "method=standard", "base_model=s3://train/base",
-            "labels=s3://train/labels", "storage_path=s3://train/runs", "name=s3run", "num_workers=2",
-            "global_batch=8", "micro_batch=2", "max_steps=2", "eval_every=2", "checkpoint_every=2"]
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert any("s3run-standard" in f for f in storage.list_files("s3://train/runs"))  # Ray Train's own checkpoints
-    m = TaHForCausalLM.from_pretrained("s3://train/runs/s3run/standard/model")
-    assert m.config.max_depth == 1
