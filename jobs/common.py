@@ -54,7 +54,8 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
         return
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_DEFAULT_REGION", "AWS_REGION", "TAH_CACHE") if k in os.environ}
-    extra = {"include_dashboard": True, "dashboard_port": _free_port(8265)} if dashboard else {"include_dashboard": False}
+    extra = ({"include_dashboard": True, "dashboard_port": _free_port(8265)} if dashboard
+             else {"include_dashboard": False})
     ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": env} if env else None, log_to_driver=False, **extra)
 

@@ -256,8 +256,9 @@ def tuner(cfg: SweepConfig):
 
 COLUMNS = {"threshold": ("trial", "threshold", "accuracy", "pct_iterated", "tokens_per_s", "token_acc",
                          "token_pct_iterated", "decider_precision", "decider_recall"),
-           "train": ("trial", "lora_r", "prune_layer", "lr", "status", "val_loss", "decider_val_loss", "accuracy",
-                     "pct_iterated", "ppl_increase", "parameters", "token_acc", "token_acc_oracle")}
+           "train": ("trial", "lora_r", "prune_layer", "lr", "status", "stopped_at_step", "val_loss",
+                     "decider_val_loss", "accuracy", "pct_iterated", "ppl_increase", "parameters", "token_acc",
+                     "token_acc_oracle")}
 
 
 def collect(cfg: SweepConfig, results) -> list[dict[str, Any]]:
@@ -268,8 +269,11 @@ def collect(cfg: SweepConfig, results) -> list[dict[str, Any]]:
         point = {k: r.config[k] for k in r.config}
         finished = m.get("stage") == 3 or cfg.kind == "threshold"
         status = "error" if r.error else ("done" if finished else "stopped")
-        rows.append({"trial": trial_name(point), **point, "status": status,
-                     **{k: v for k, v in m.items() if isinstance(v, (int, float, str)) and k not in point}})
+        row = {"trial": trial_name(point), **point, "status": status,
+               **{k: v for k, v in m.items() if isinstance(v, (int, float, str)) and k not in point}}
+        if status == "stopped":  # its val_loss is the one at this stage-1 step, not a finished run's
+            row["stopped_at_step"] = m.get("step")
+        rows.append(row)
     return sorted(rows, key=lambda x: x["trial"])
 
 
@@ -312,7 +316,8 @@ def write_results(cfg: SweepConfig, rows: list[dict[str, Any]]) -> str:
             md.append(f"Best by {cfg.select}: **{best['trial']}** -> `best.yaml` "
                       f"(`python jobs/train.py --config {storage.join(target, 'best.yaml')}`)")
             recipe = best_recipe(cfg, best)
-            head = f"# Best trial of sweep {cfg.name} by {cfg.select}: {best['trial']} ({cfg.select} {best[cfg.select]:.4f})\n"
+            head = (f"# Best trial of sweep {cfg.name} by {cfg.select}: {best['trial']} "
+                    f"({cfg.select} {best[cfg.select]:.4f})\n")
             (local / "best.yaml").write_text(head + yaml.safe_dump(recipe, sort_keys=False))
         else:
             md.append("No trial finished: no best recipe written.")
@@ -355,8 +360,13 @@ def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> None:
         for ax, y in zip(axes[0], ys):
             for key in sorted({tuple((k, r[k]) for k in ("lora_r", "prune_layer", "lr") if k != axis) for r in rows}):
                 sel = sorted((r for r in rows if all(r[k] == v for k, v in key)), key=lambda r: r[axis])
-                ax.plot([r[axis] for r in sel], [r.get(y, float("nan")) for r in sel], "o-",
-                        label=", ".join(f"{k}={v:g}" for k, v in key), )
+                (line,) = ax.plot([r[axis] for r in sel], [r.get(y, float("nan")) for r in sel], "o-",
+                                  label=", ".join(f"{k}={v:g}" for k, v in key))
+                stopped = [r for r in sel if r["status"] == "stopped"]
+                ax.plot([r[axis] for r in stopped], [r.get(y, float("nan")) for r in stopped], "o",
+                        color=line.get_color(), mfc="white")
+            if any(r["status"] == "stopped" for r in rows):
+                ax.set_title("hollow: stopped by ASHA (value when stopped)", fontsize=7)
             ax.set_xlabel({"lora_r": "LoRA rank", "prune_layer": "pruned layer (-1: none)"}[axis])
             ax.set_ylabel({"val_loss": "stage-1 validation loss", "ppl_increase": "perplexity increase (ΔPPL)",
                            "accuracy": "pass@1"}[y])

@@ -64,9 +64,11 @@ def test_train_sweep_asha_restore_and_best_recipe(setup):
     cfg = _cfg(setup, "tiny-train.yaml", "lora_ranks=[4]", "prune_layers=[1]", "lrs=[0.002,0.5]")
     rows = run(cfg)
     out = setup / "sweeps" / "tiny-train"
-    assert [(r["trial"], r["status"]) for r in rows] == [("r4-prune-1-lr0.002", "done"), ("r4-prune-1-lr0.5", "stopped")]
+    assert [(r["trial"], r["status"]) for r in rows] == [("r4-prune-1-lr0.002", "done"),
+                                                         ("r4-prune-1-lr0.5", "stopped")]
     good, bad = rows
     assert bad["val_loss"] > good["val_loss"] and "accuracy" not in bad  # stopped in stage 1: never evaluated
+    assert bad["stopped_at_step"] == 1 and "stopped_at_step" not in good
     assert not Path(setup / "sweeps/tiny-train/trials" / bad["trial"], "stage2").exists()
     assert _reserved_placement_groups() == []
     # The finished trial trained both stages and was evaluated.
