@@ -56,17 +56,18 @@ def ray_head(env: dict[str, str], tmp_path: Path):
     # Its own temp dir (short: Ray's unix sockets live there): the head writes its address file there,
     # and a later plain `ray.init()` (serve run below) must not find this stopped cluster's address.
     temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
-                             f"--temp-dir={temp}",
-                             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = tmp_path / "ray-head.log"
+    with open(log, "w") as out:  # a file, not a pipe nobody reads while the jobs run
+        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+                                 f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+                                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                                 "--disable-usage-stats"],
+                                env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
         while True:  # the job API answers once the dashboard is up
-            assert head.poll() is None, head.stdout.read()[-3000:]
+            assert head.poll() is None, log.read_text()[-3000:]
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=5)
                 break
