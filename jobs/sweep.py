@@ -299,9 +299,9 @@ def best_recipe(cfg: SweepConfig, best: dict[str, Any]) -> dict[str, Any]:
     return to_dict(dataclasses.replace(tc, name=f"{cfg.train.name}-{best['trial']}"))
 
 
-def write_results(cfg: SweepConfig, rows: list[dict[str, Any]]) -> str:
+def write_results(cfg: SweepConfig, rows: list[dict[str, Any]]) -> None:
     """results.{md,json}, plots and best.yaml under output/name, beside Tune's own files (for an
-    s3:// output written in a scratch directory, then uploaded). Prints the table; returns where."""
+    s3:// output written in a scratch directory, then uploaded), and the table printed."""
     import yaml
 
     from tah import storage
@@ -326,7 +326,6 @@ def write_results(cfg: SweepConfig, rows: list[dict[str, Any]]) -> str:
                                                          "best": best and best["trial"]}, indent=2) + "\n")
         plot(cfg, rows, local)
         print((local / "results.md").read_text(), flush=True)
-    return target
 
 
 def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> None:

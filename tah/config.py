@@ -243,10 +243,10 @@ class LabelConfig:
     shards_per_wave: int = 8
     """Shards processed (and committed) per pass of the Ray Data pipeline."""
     num_actors: int = 1
+    """Reference-model actors (one GPU each when use_gpu)."""
     actor_cpus: float = 1.0
     """CPUs each reference actor reserves (CPU runs): the actors together must leave at least one CPU
     for Ray Data's read and tokenize tasks, e.g. 2 actors x 0.5 on a 2-CPU machine."""
-    """Reference-model actors (one GPU each when use_gpu)."""
     batch_size: int = 16
     """Samples per actor call."""
     use_gpu: bool = False

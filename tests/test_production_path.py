@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from .conftest import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this venv's python, ray and serve
@@ -39,12 +40,6 @@ SWEEP_TINY = ["output=s3://prod/sweeps", "lora_ranks=[4]", "prune_layers=[-1]", 
               *(o for o in TINY if o.startswith("train.")),
               "eval.benchmarks=[tinytask]", "eval.limit=3", "eval.max_tokens=16", "eval.max_model_len=512",
               "eval.batch_size=3", "eval.max_num_seqs=8", "eval.n_samples=1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
