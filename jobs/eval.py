@@ -37,7 +37,7 @@ def evaluate_model(name: str, path: str, problems: list, cfg) -> list[dict]:
                                                               "policy": cfg.policies.get(name, "decider")},
                          compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size,
                          num_gpus=1 if use_gpu else 0, num_cpus=1).take_all()
-    return grade(out, problems, cfg.grade_workers)
+    return grade(out, problems, cfg.grade_workers, cfg.sandbox)
 
 
 def _has_gpu() -> bool:

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .eval.sandbox import SandboxLimits
+
 T = TypeVar("T")
 
 ATTN_BACKENDS = ("auto", "reference", "sdpa", "flex", "flash")
@@ -375,6 +377,8 @@ class EvalConfig:
     batch_size: int = 32
     """Problems per actor call (decoded together by the engine)."""
     grade_workers: int = 2
+    sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    """The code grader's sandbox (limits, backend, unsafe_code_execution), see tah/eval/sandbox.py."""
     output: str = "runs/eval"
     labels: str | None = None
     """A jobs/label.py output: also run the token-level analysis on its validation rows."""

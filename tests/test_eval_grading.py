@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from tah.eval.grading import (SandboxLimits, extract_choice, grade_choice, grade_code, grade_many, grade_math,
-                              last_boxed, run_sandboxed)
+from tah.eval.grading import extract_choice, grade_choice, grade_code, grade_many, grade_math, last_boxed
+from tah.eval.sandbox import run_tests
 
 
 def test_boxed_extraction_handles_nesting():
@@ -41,34 +39,15 @@ def test_choice(response, ok):
 
 GOOD = "```python\ndef f(x):\n    return 2 * x + 1\n```"
 TESTS = ["assert f(1) == 3", "assert f(10) == 21"]
-
-
-@pytest.mark.parametrize("body,name", [
-    ("def f(x):\n    return 2 * x\n", "wrong"),
-    ("def f(x):\n    while True:\n        pass\n", "loops forever"),
-    ("def f(x):\n    return 2 * x + 1\nimport os\nos.fork()\n", "forks"),
-    ("def f(x):\n    return 2 * x + 1\nimport subprocess\nsubprocess.run(['true'])\n", "spawns"),
-    ("def f(x):\n    return 2 * x + 1\nb = bytearray(10 * 1024 ** 3)\n", "allocates 10 GB"),
-    ("def f(x):\n    return 2 * x + 1\nopen('/tmp/tah-escape.txt', 'w').write('x')\n", "writes outside"),
-    ("def f(x):\n    return 2 * x + 1\nimport socket\nsocket.create_connection(('127.0.0.1', 9))\n", "network"),
-    ("def f(x):\n    return 2 * x + 1\nimport os\nos.remove('/etc/hostname')\n", "deletes outside"),
-    ("def f(x):\n    return 2 * x + 1\nimport sys\nsys.exit(3)\n", "exits non-zero"),
-])
-def test_code_hostile_programs_fail_and_the_harness_survives(body, name, tmp_path):
-    import os
-
-    t = time.time()
-    ok, code = grade_code(f"```python\n{body}```", TESTS, limits=SandboxLimits(cpu_seconds=2, wall_seconds=4))
-    assert not ok, name
-    assert time.time() - t < 10
-    assert not os.path.exists("/tmp/tah-escape.txt")
+# The hostile programs live in tests/test_sandbox.py, run against every sandbox backend.
 
 
 def test_code_passes_and_writes_inside_its_directory():
     assert grade_code(GOOD, TESTS)[0]
     assert grade_code("no code block", TESTS) == (False, None)
-    ok, _ = run_sandboxed("open('scratch.txt', 'w').write('fine')\nassert open('scratch.txt').read() == 'fine'")
-    assert ok
+    ok, reason, _ = run_tests("open('scratch.txt', 'w').write('fine')\nassert open('scratch.txt').read() == 'fine'\n"
+                              "def f(x):\n    return 2 * x + 1\n", TESTS)
+    assert ok, reason
 
 
 def test_grade_many_in_worker_processes():

@@ -4,42 +4,42 @@
           math-verify. Its timeouts use signals, so grading runs in worker processes
           (`grade_many`), each with its own time limit -- never in a Ray actor's thread.
 - choice  the letter in the last \\boxed{...}, else "answer is (X)" / a final standalone letter.
-- code    the last ```python block, run with the tests in a fresh `python -I` subprocess: a temporary
-          working directory, CPU-time / address-space / file-size limits, a wall-clock limit that kills
-          its whole process group, and an audit hook that refuses sockets, subprocesses, forks and
-          writes outside its directory. A solution that breaks any of this fails; the harness goes on.
+- code    the last ```python block with the benchmark's tests, in the kernel sandbox of
+          `tah.eval.sandbox` (namespaces, uid 65534, read-only runtime, tmpfs quota, rlimits, seccomp;
+          the verdict on a nonce-checked channel, results compared outside as plain data).
+
+Answer extraction is linear in the response length; `grade_many` gives each item its own deadline.
 
     python -c "from tah.eval.grading import grade_math; print(grade_math('so \\\\boxed{\\\\frac12}', '0.5'))"
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import tempfile
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+import time
+
+from .sandbox import SandboxLimits, SandboxUnavailable, backend_for, run_tests
 
 KINDS = ("math", "choice", "code")
+_BOXED = re.compile(r"\\boxed\s*\{")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (balanced braces), or None."""
-    i = text.rfind("\\boxed")
-    while i >= 0:
-        j = text.find("{", i)
-        if j < 0:
-            return None
-        depth, k = 0, j
-        while k < len(text):
-            depth += {"{": 1, "}": -1}.get(text[k], 0)
-            if depth == 0:
-                return text[j + 1:k].strip()
-            k += 1
-        i = text.rfind("\\boxed", 0, i)
+    """Content of the last \\boxed{...} whose braces balance, or None. One pass to match every brace
+    (a stack), so the cost is linear in the text: a response of 100k unclosed `\\boxed{` is cheap."""
+    opens = [m.end() - 1 for m in _BOXED.finditer(text)]
+    if not opens:
+        return None
+    close: dict[int, int] = {}
+    stack: list[int] = []
+    for k, c in enumerate(text):
+        if c == "{":
+            stack.append(k)
+        elif c == "}" and stack:
+            close[stack.pop()] = k
+    for j in reversed(opens):
+        if j in close:
+            return text[j + 1:close[j]].strip()
     return None
 
 
@@ -89,138 +89,119 @@ def extract_code(text: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
-@dataclass
-class SandboxLimits:
-    cpu_seconds: int = 5
-    memory_mb: int = 1024
-    wall_seconds: float = 10.0
-    file_mb: int = 16
-
-
-# Runs first inside the sandboxed interpreter: an audit hook (cannot be removed once added) refusing
-# what a test program has no business doing. `root` is the sandbox's working directory.
-_GUARD = r'''
-import os, sys
-_root = os.path.realpath(os.getcwd())
-_deny = ("socket.", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.fork", "os.forkpty",
-         "os.spawn", "pty.spawn", "os.kill", "os.killpg", "ctypes.", "shutil.rmtree")
-def _outside(p):
-    try:
-        return not os.path.realpath(os.fspath(p)).startswith(_root + os.sep)
-    except Exception:
-        return True
-def _hook(event, args):
-    if event.startswith(_deny):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "open" and len(args) > 1 and isinstance(args[1], str) and any(c in args[1] for c in "wax+"):
-        if isinstance(args[0], (str, bytes, os.PathLike)) and _outside(args[0]):
-            raise PermissionError(f"sandbox: writing {args[0]!r} outside the sandbox")
-    if event == "open" and len(args) > 2 and isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-        if isinstance(args[0], (str, bytes, os.PathLike)) and _outside(args[0]):
-            raise PermissionError(f"sandbox: writing {args[0]!r} outside the sandbox")
-    if event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.symlink", "os.link",
-                 "os.truncate", "os.utime", "os.chown") and args and _outside(args[0]):
-        raise PermissionError(f"sandbox: {event} outside the sandbox")
-sys.addaudithook(_hook)
-del _hook
-'''
-
-
-def _limits(lim: SandboxLimits):
-    def apply() -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CPU, (lim.cpu_seconds, lim.cpu_seconds))
-        mem = lim.memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        fsz = lim.file_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsz, fsz))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
-
-
-def run_sandboxed(program: str, limits: SandboxLimits | None = None) -> tuple[bool, str]:
-    """Run a Python program in the sandbox; (exit status 0, reason / tail of stderr)."""
-    lim = limits or SandboxLimits()
-    with tempfile.TemporaryDirectory(prefix="tah-sandbox-") as d:
-        with open(os.path.join(d, "main.py"), "w") as f:
-            f.write(_GUARD + "\n" + program)
-        env = {"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", "HOME": d, "TMPDIR": d, "no_proxy": "*"}
-        try:
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "main.py"], cwd=d, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_limits(lim),
-                                    start_new_session=True)
-        except OSError as e:
-            return False, f"could not start: {e}"
-        try:
-            _, err = proc.communicate(timeout=lim.wall_seconds)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return False, f"wall-clock limit ({lim.wall_seconds}s)"
-        finally:
-            _kill_group(proc)  # anything it left behind in its session
-        if proc.returncode == 0:
-            return True, ""
-        reason = "killed by signal %d" % -proc.returncode if proc.returncode < 0 else "exit %d" % proc.returncode
-        return False, f"{reason}: {err.decode(errors='replace')[-500:]}"
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
 def grade_code(response: str, tests: list[str], setup: str = "", limits: SandboxLimits | None = None
                ) -> tuple[bool, str | None]:
-    """(all tests pass, extracted program)."""
+    """(all tests pass, extracted program). The program and tests run in the kernel sandbox
+    (`tah.eval.sandbox`); SandboxUnavailable where this host has no isolation and none was waived."""
     code = extract_code(response)
     if code is None:
         return False, None
-    ok, _ = run_sandboxed("\n".join([setup, code, *tests]), limits)
+    ok, _, _ = run_tests("\n".join([setup, code]) if setup else code, tests, limits)
     return ok, code
 
 
-def _grade_one(kind: str, response: str, reference: str, tests: list[str]) -> tuple[bool, str | None]:
+def _grade_one(kind: str, response: str, reference: str, tests: list[str], limits: SandboxLimits | None = None
+               ) -> tuple[bool, str | None]:
     if kind == "math":
         return grade_math(response, reference)
     if kind == "choice":
         return grade_choice(response, reference)
     if kind == "code":
-        return grade_code(response, tests)
+        return grade_code(response, tests, limits=limits)
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def grade_many(items: list[tuple[str, str, str, list[str]]], workers: int = 2,
-               timeout: float = 30.0) -> list[tuple[bool, str | None]]:
-    """Grade (kind, response, reference, tests) items in worker processes; a grader that hangs past
-    `timeout` counts as wrong (its worker is killed).
+def _worker(conn, limits: SandboxLimits | None) -> None:
+    """A grading process: (index, item) in, (index, result) out, until None."""
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        idx, item = job
+        conn.send(("started", idx))  # the item's deadline runs from here, not from our start-up
+        try:
+            conn.send((idx, _grade_one(*item, limits)))
+        except SandboxUnavailable as e:
+            conn.send((idx, e))
+        except Exception:  # a grader crash on odd input: wrong, not fatal
+            conn.send((idx, (False, None)))
+
+
+class _Slot:
+    def __init__(self, ctx, limits: SandboxLimits | None) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, limits), daemon=True)
+        self.proc.start()
+        child.close()
+        self.job: tuple[int, float] | None = None  # (item index, deadline)
+        self.started = False
+
+    def stop(self, kill: bool) -> None:
+        if kill:
+            self.proc.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except OSError:
+                self.proc.kill()
+        self.proc.join(timeout=5)
+        self.conn.close()
+
+
+STARTUP_SECONDS = 120.0  # a spawned worker's start-up (imports) before it takes its first item
+
+
+def grade_many(items: list[tuple[str, str, str, list[str]]], workers: int = 2, timeout: float = 30.0,
+               limits: SandboxLimits | None = None) -> list[tuple[bool, str | None]]:
+    """Grade (kind, response, reference, tests) items in worker processes. Each item has its own
+    deadline, `timeout` seconds from the moment a worker takes it: past it the item counts as wrong,
+    its worker is killed and replaced at once, and the items behind it go on.
 
     Workers are spawned, not forked: the caller may be a Ray driver or actor with threads of its own,
     and a forked child of a threaded process can deadlock on a lock held at fork time."""
     import multiprocessing
+    from multiprocessing.connection import wait
 
-    out: list[tuple[bool, str | None]] = []
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    hung = False
+    if any(kind == "code" for kind, *_ in items):
+        backend_for(limits or SandboxLimits())  # refuse before any work where there is no isolation
+    ctx = multiprocessing.get_context("spawn")
+    out: list[tuple[bool, str | None] | None] = [None] * len(items)
+    queue = list(range(len(items)))[::-1]
+    slots = [_Slot(ctx, limits) for _ in range(max(1, min(workers, len(items))))]
+    deaths = 0  # workers lost in a row without a result: a broken environment, not a bad item
     try:
-        futures = [pool.submit(_grade_one, *it) for it in items]
-        for f in futures:
-            try:
-                out.append(f.result(timeout=timeout))
-            except FutureTimeout:
-                hung = True
-                out.append((False, None))
-            except Exception:  # a grader crash on odd input: wrong, not fatal
-                out.append((False, None))
+        while queue or any(s.job for s in slots):
+            for s in slots:
+                if s.job is None and queue:
+                    idx = queue.pop()
+                    s.conn.send((idx, items[idx]))
+                    s.job = (idx, time.monotonic() + STARTUP_SECONDS)
+            busy = [s for s in slots if s.job]
+            left = min(s.job[1] for s in busy) - time.monotonic()
+            ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=max(left, 0))
+            for i, s in enumerate(slots):
+                if s.job is None:
+                    continue
+                msg = None
+                if s.conn in ready:
+                    try:
+                        msg = s.conn.recv()
+                    except (EOFError, OSError):
+                        msg = None
+                if msg is not None and msg[0] == "started":
+                    s.job = (s.job[0], time.monotonic() + timeout)
+                elif msg is not None:
+                    if isinstance(msg[1], SandboxUnavailable):
+                        raise msg[1]
+                    out[msg[0]], s.job, deaths = msg[1], None, 0
+                elif s.conn in ready or s.proc.sentinel in ready or time.monotonic() > s.job[1]:
+                    out[s.job[0]] = (False, None)  # hung past its deadline, or its worker died
+                    deaths += 0 if time.monotonic() > s.job[1] else 1
+                    if deaths >= 3:
+                        raise RuntimeError("grading workers keep dying before they answer; see their stderr")
+                    s.stop(kill=True)  # its sandbox, if any, dies with it (PDEATHSIG)
+                    slots[i] = _Slot(ctx, limits)
     finally:
-        if hung:  # a worker stuck in a grader never takes the exit sentinel: kill it
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.kill()
-        pool.shutdown(wait=not hung, cancel_futures=True)
-    return out
+        for s in slots:
+            s.stop(kill=s.job is not None)
+    return [r if r is not None else (False, None) for r in out]

@@ -22,6 +22,7 @@ import numpy as np
 from ..config import EvalConfig
 from .benchmarks import Problem
 from .grading import grade_many
+from .sandbox import SandboxLimits
 
 SUMMARY_COLUMNS = ("model", "benchmark", "problems", "samples", "accuracy", "avg_depth", "pct_iterated",
                    "output_tokens", "tokens_per_s", "parameters")
@@ -103,11 +104,12 @@ def run_local(model_path: str, problems: list[Problem], cfg: EvalConfig, policy:
     return rows
 
 
-def grade(samples: list[dict[str, Any]], problems: list[Problem], workers: int = 2) -> list[dict[str, Any]]:
+def grade(samples: list[dict[str, Any]], problems: list[Problem], workers: int = 2,
+          sandbox: SandboxLimits | None = None) -> list[dict[str, Any]]:
     """Add prompt, reference, extracted and correct to each sample record."""
     by_id = {p.id: p for p in problems}
     items = [(by_id[s["id"]].kind, s["output"], by_id[s["id"]].reference, by_id[s["id"]].tests) for s in samples]
-    graded = grade_many(items, workers=workers)
+    graded = grade_many(items, workers=workers, limits=sandbox)
     out = []
     for s, (ok, extracted) in zip(samples, graded):
         p = by_id[s["id"]]
