@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run demo test test-slow bench clean
+.PHONY: install run demo test test-slow bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench: $(STAMP)
 	$(PY) bench/engine.py
 	$(PY) bench/serve.py
 	$(PY) bench/scale.py
+
+gpu-check:  # on a CUDA machine: env, gpu tests, GPU benchmarks, one table (< 10 min); elsewhere a no-op
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -44,7 +44,9 @@ def build(args: argparse.Namespace):
             "small": dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32,
                           intermediate_size=768),
             "medium": dict(vocab_size=32768, hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8,
-                           head_dim=64, intermediate_size=3072)}[args.size]
+                           head_dim=64, intermediate_size=3072),
+            "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+                               head_dim=128, intermediate_size=3072)}[args.size]  # the shape; weights random
     hf = tiny_qwen3(**dims, initializer_range=0.02).to(dev, dtype)
     ref = copy.deepcopy(hf)
     torch.manual_seed(0)
@@ -61,7 +63,7 @@ def build(args: argparse.Namespace):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
+    ap.add_argument("--size", default="small", choices=["tiny", "small", "medium", "qwen3-0.6b"])
     ap.add_argument("--checkpoint")
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--share", type=float, default=0.07, help="random model: share of tokens sent to depth 2")
