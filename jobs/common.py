@@ -1,7 +1,8 @@
 """Shared plumbing of the Ray entry points: argument parsing into typed configs and Ray start-up.
 
 Run without a cluster, a job starts a local Ray bound to 127.0.0.1; under `ray job submit` (or with
-RAY_ADDRESS set) it joins that cluster.
+RAY_ADDRESS set) it joins that cluster. Credentials reach Ray's workers through their own environment
+or instance profile, never through a runtime_env (visible in the dashboard and the state API).
 """
 
 from __future__ import annotations
@@ -49,15 +50,15 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    # No runtime_env: the dashboard and the state API show it, so credentials never go there. The
+    # Ray processes of a local cluster are started by this one and inherit its environment (AWS_*
+    # credentials or an instance profile, AWS_ENDPOINT_URL, TAH_CACHE); a cluster's nodes use their own.
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                      "AWS_DEFAULT_REGION", "AWS_REGION", "TAH_CACHE") if k in os.environ}
     extra = ({"include_dashboard": True, "dashboard_port": _free_port(8265)} if dashboard
              else {"include_dashboard": False})
-    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": env} if env else None, log_to_driver=False, **extra)
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=False, **extra)
 
 
 def _free_port(preferred: int) -> int:

@@ -10,16 +10,23 @@ shard is written as one object that becomes visible only when complete, and a re
 output skips the shards already there. Shards are processed `shards_per_wave` at a time, so a killed
 job loses at most the wave in flight. `manifest.json` (counts, hard ratio per domain, malformed rows,
 settings) is written when every shard is present.
+
+The output is claimed first: `label_config.json` (the settings that determine the labels plus a
+fingerprint of the source: its files' names and sizes/checksums/ETags, or the hub revision) is created
+only if absent, atomically. A re-run with the same identity resumes; any other job into that output,
+including one over a changed source, is refused, so labels of two sources or settings never mix.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,18 +44,27 @@ from tah.data.openr1 import is_hub_id, select_balanced, source_files  # noqa: E4
 
 CONFIG_NAME = "label_config.json"
 MANIFEST_NAME = "manifest.json"
-# Test hook: exit abruptly (as if killed) after this many waves have been committed.
-FAIL_AFTER_WAVES = "TAH_LABEL_FAIL_AFTER_WAVES"
 
 
-def read_normalized(cfg: LabelConfig) -> ray.data.Dataset:
-    """Every domain's rows as {id, domain, shard, is_validation, messages, extra, status}."""
+@dataclass
+class Hooks:
+    """Where tests step into a run (production runs pass none)."""
+
+    after_wave: Callable[[int], None] | None = None
+    """Called in the driver with the number of waves committed so far, after each wave's shards are
+    written (the crash-resume test kills the process there)."""
+
+
+def read_normalized(cfg: LabelConfig, revision: str | None = None) -> ray.data.Dataset:
+    """Every domain's rows as {id, domain, shard, is_validation, messages, extra, status}; a hub
+    source is read at `revision` (the one fingerprinted) when given."""
     parts = []
     for domain in cfg.domains:
         if is_hub_id(cfg.source):
             import datasets
 
-            ds = ray.data.from_huggingface(datasets.load_dataset(cfg.source, name=domain, split=cfg.split))
+            ds = ray.data.from_huggingface(datasets.load_dataset(cfg.source, name=domain, split=cfg.split,
+                                                                 revision=revision))
             jsonl = False
         else:
             files = source_files(cfg.source, domain, cfg.split)
@@ -77,27 +93,77 @@ def check_cpus(cfg: LabelConfig) -> None:
                          f"lower num_actors or set actor_cpus <= {max(cpus - 1, 0) / cfg.num_actors:g}")
 
 
-def check_output(cfg: LabelConfig) -> None:
-    """The output either is new (record the settings) or was made with exactly these settings."""
+def source_fingerprint(cfg: LabelConfig) -> dict[str, Any]:
+    """What the labels are read from: {"files": {relative name: size and SHA-256 (local) or ETag
+    (s3)}} over the data files of every domain, or {"hub": id, "revision": commit} for a hub dataset
+    (revision None when the hub cannot be asked; the dataset is then read at its default revision)."""
+    if is_hub_id(cfg.source):
+        try:
+            from huggingface_hub import HfApi
+
+            return {"hub": cfg.source, "revision": HfApi().dataset_info(cfg.source).sha}
+        except Exception as e:  # offline: the datasets cache may still serve it
+            print(f"[label] could not resolve the revision of {cfg.source} ({type(e).__name__}); "
+                  "fingerprinting it by name only", flush=True)
+            return {"hub": cfg.source, "revision": None}
+    root = str(cfg.source).rstrip("/") + "/"
+    files = {}
+    for domain in cfg.domains:
+        for f in source_files(cfg.source, domain, cfg.split):
+            name = f[len(root):] if f.startswith(root) else str(Path(f).relative_to(Path(cfg.source)))
+            files[name] = storage.file_tag(f)
+    return {"files": files}
+
+
+def identity(cfg: LabelConfig) -> dict[str, Any]:
+    """The settings that determine the labels and the fingerprint of the source they are made from."""
+    return {**cfg.identity(), "source_fingerprint": source_fingerprint(cfg)}
+
+
+def _source_change(before: Any, now: dict[str, Any]) -> str:
+    if not isinstance(before, dict):
+        return "the output records no source fingerprint (started by an older version of this job)"
+    if "files" in before and "files" in now:
+        changed = sorted(k for k in set(before["files"]) | set(now["files"])
+                         if before["files"].get(k) != now["files"].get(k))
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        return f"changed, added or removed since: {', '.join(changed[:5])}{more}"
+    return f"was {before}, is now {now}"
+
+
+def check_output(cfg: LabelConfig, ident: dict[str, Any]) -> None:
+    """Claim the output for `ident`, or check that it was claimed with exactly `ident` (a resume).
+
+    The identity object is created only if absent (exclusively, see storage.create_exclusive), so of
+    jobs started together into one fresh output exactly one claims it and any other with different
+    settings or source is refused. Two jobs with equal identity may both run: they write the same
+    shards, each committed whole, so the output is still exactly once."""
     uri = storage.join(cfg.output, CONFIG_NAME)
-    if storage.exists(uri):
-        before = json.loads(storage.read_bytes(uri))
-        if before != cfg.identity():
-            diff = sorted(k for k in set(before) | set(cfg.identity()) if before.get(k) != cfg.identity().get(k))
-            raise SystemExit(f"{cfg.output} holds labels made with different settings ({', '.join(diff)}); "
-                             "use a new output")
-    else:
-        storage.write_bytes_atomic(uri, json.dumps(cfg.identity(), indent=2, sort_keys=True).encode())
+    if storage.create_exclusive(uri, json.dumps(ident, indent=2, sort_keys=True).encode()):
+        return
+    before = json.loads(storage.read_bytes(uri))
+    if before == ident:
+        return
+    diff = sorted(k for k in set(before) | set(ident) if before.get(k) != ident.get(k))
+    if diff == ["source_fingerprint"]:
+        raise SystemExit(f"{cfg.output} holds labels of a different source than {cfg.source} now is: "
+                         f"{_source_change(before.get('source_fingerprint'), ident['source_fingerprint'])}; "
+                         "use a new output (or restore the source)")
+    raise SystemExit(f"{cfg.output} holds labels made with different settings ({', '.join(diff)}); "
+                     "use a new output")
 
 
-def run(cfg: LabelConfig) -> dict:
+def run(cfg: LabelConfig, hooks: Hooks | None = None) -> dict:
     """Label every pending shard and write the manifest; returns the manifest."""
     if not cfg.reference_model:
         raise SystemExit("reference_model is required (a local dir, hub id or s3:// checkpoint)")
+    hooks = hooks or Hooks()
     check_cpus(cfg)
     t0 = time.time()
-    check_output(cfg)
-    index = read_normalized(cfg).select_columns(["id", "domain", "shard", "status"]).to_pandas()
+    ident = identity(cfg)
+    check_output(cfg, ident)
+    revision = ident["source_fingerprint"].get("revision")
+    index = read_normalized(cfg, revision).select_columns(["id", "domain", "shard", "status"]).to_pandas()
     malformed = Counter(index.loc[index.status != "", "status"])
     ok = index[index.status == ""]
     malformed["duplicate"] += int(ok.id.duplicated().sum())
@@ -116,7 +182,7 @@ def run(cfg: LabelConfig) -> dict:
         ids = frozenset(ok.id[ok.shard.isin(wave)])
         buffers: dict[int, list[dict[str, np.ndarray]]] = {shard: [] for shard in wave}
         if ids:
-            ds = (read_normalized(cfg)
+            ds = (read_normalized(cfg, revision)
                   .map_batches(L.keep_ids, fn_kwargs={"ids": ids}, batch_format="numpy")
                   .map_batches(L.tokenize_batch, batch_format="numpy",
                                fn_kwargs={"tokenizer_path": cfg.tokenizer, "max_response_tokens": cfg.max_response_tokens})
@@ -134,18 +200,18 @@ def run(cfg: LabelConfig) -> dict:
         for shard, parts in buffers.items():
             rows = L.concat_batches(parts) if parts else L.empty_shard_batch()
             L.write_shard({**rows, "shard": np.full(max(len(rows["id"]), 1), shard)}, cfg.output, cfg.num_shards)
-        if os.environ.get(FAIL_AFTER_WAVES) and w + 1 >= int(os.environ[FAIL_AFTER_WAVES]):
-            print(f"[label] {FAIL_AFTER_WAVES} reached: exiting after wave {w + 1}", flush=True)
-            os._exit(3)
+        if hooks.after_wave is not None:
+            hooks.after_wave(w + 1)
 
-    manifest = build_manifest(cfg, names, malformed, time.time() - t0)
+    manifest = build_manifest(cfg, names, malformed, time.time() - t0, ident["source_fingerprint"])
     storage.write_bytes_atomic(storage.join(cfg.output, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
     print(f"[label] done: {manifest['samples']} samples, {manifest['tokens']} tokens, hard ratio "
           f"{manifest['hard_ratio']:.3f} ({manifest['hard_ratio_per_domain']}) -> {cfg.output}", flush=True)
     return manifest
 
 
-def build_manifest(cfg: LabelConfig, names: list[str], malformed: Counter, seconds: float) -> dict:
+def build_manifest(cfg: LabelConfig, names: list[str], malformed: Counter, seconds: float,
+                   fingerprint: dict[str, Any]) -> dict:
     samples, labelled, hard, tok_malformed = Counter(), Counter(), Counter(), Counter()
     tokens = validation = 0
     for name in names:
@@ -162,7 +228,8 @@ def build_manifest(cfg: LabelConfig, names: list[str], malformed: Counter, secon
         "hard_ratio": sum(hard.values()) / max(sum(labelled.values()), 1),
         "hard_ratio_per_domain": {d: hard[d] / max(labelled[d], 1) for d in sorted(labelled)},
         "malformed": dict(malformed + tok_malformed), "shards": names,
-        "reference_model": cfg.reference_model, "settings": to_dict(cfg), "seconds_last_run": round(seconds, 1),
+        "reference_model": cfg.reference_model, "settings": to_dict(cfg), "source_fingerprint": fingerprint,
+        "seconds_last_run": round(seconds, 1),
     }
 
 

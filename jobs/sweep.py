@@ -131,7 +131,7 @@ def evaluate(checkpoint: str, cfg: SweepConfig, threshold: float | None) -> dict
 
     ecfg = dataclasses.replace(cfg.eval, threshold=threshold)
     problems = [p for b in ecfg.benchmarks for p in load_benchmark(b, ecfg.sources.get(b), ecfg.limit)]
-    records = grade(run_local(checkpoint, problems, ecfg), problems, ecfg.grade_workers)
+    records = grade(run_local(checkpoint, problems, ecfg), problems, ecfg.grade_workers, ecfg.sandbox)
     rows = summarize("trial", records)
     n = sum(r["samples"] for r in rows)
     out = {"accuracy": sum(r["accuracy"] * r["samples"] for r in rows) / n,
@@ -212,7 +212,8 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     metrics = {"val_loss": stage1["val_loss"], "decider_val_loss": stage2["val_loss"], "stage": 3,
                "checkpoint": finals["stage2"], **evaluate(finals["stage2"], cfg, None)}
     if tc.prune:
-        pruning = json.loads(storage.read_bytes(storage.join(base, "pruned-base", "pruning.json")))
+        pruned_base = storage.resolve(storage.join(base, "pruned-base"))  # on S3: its published version
+        pruning = json.loads(storage.read_bytes(storage.join(pruned_base, "pruning.json")))
         metrics["pruned_layer"] = pruning["pruned_layer"]
         metrics["ppl_increase"] = pruning["ppl_increase"][str(pruning["pruned_layer"])]
     ray.tune.report(metrics)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -44,12 +43,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = from_dict(TrainConfig, config["cfg"])
     stage, init_from = config["stage"], config["init_from"]
-    if config.get("fail_after_step"):  # test hook, forwarded from the driver's environment
-        import os
-
-        from tah.train.loop import FAIL_AFTER_STEP
-
-        os.environ[FAIL_AFTER_STEP] = config["fail_after_step"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
@@ -67,7 +60,8 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
 
     with (ckpt.as_directory() if ckpt else nullcontext(None)) as resume_dir:
-        hooks = Hooks(report=report, resume_dir=resume_dir, log_dir=config.get("log_dir"))
+        hooks = Hooks(report=report, resume_dir=resume_dir, log_dir=config.get("log_dir"),
+                      after_checkpoint=config.get("after_checkpoint"))
         run_stage(model, stage, train, val, cfg, hooks, rank, world, ray.train.torch.get_device(),
                   len(train) * world)
 
@@ -142,7 +136,7 @@ def prune_base(cfg, n_calib: int = 16) -> str:
     from tah.prune import prune_layer
 
     out = storage.join(cfg.storage_path, cfg.name, "pruned-base")
-    if storage.exists(storage.join(out, "pruning.json")):
+    if storage.is_published(out, "pruning.json"):
         return out
     n = AutoConfig.from_pretrained(storage.local_copy(cfg.base_model)).num_hidden_layers
     parts = [list(range(n))[i::cfg.num_workers] for i in range(min(cfg.num_workers, n))]
@@ -168,18 +162,21 @@ def prune_base(cfg, n_calib: int = 16) -> str:
     return out
 
 
-def run(cfg, callbacks: Callable[[str], list] | None = None) -> dict[str, str]:
+def run(cfg, callbacks: Callable[[str], list] | None = None,
+        after_checkpoint: Callable[[int], None] | None = None) -> dict[str, str]:
     """Train every stage of cfg.method; returns {stage: path of its final TaH checkpoint}.
 
     `callbacks(stage)` gives Ray Train callbacks for that stage's TorchTrainer (jobs/sweep.py passes
     one that forwards the reports to Ray Tune). Each finished stage also gets `<stage>/result.json`:
-    the metrics of the checkpoint chosen as its model."""
+    the metrics of the checkpoint chosen as its model. `after_checkpoint(step)` runs in every worker
+    after each checkpoint is reported (tests pass `tah.testing.FailAfterStep` to crash a worker there;
+    it is pickled to the workers, so it must be importable from the installed package)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tah import storage
     from tah.config import to_dict
-    from tah.train.loop import FAIL_AFTER_STEP, MODEL_DIR
+    from tah.train.loop import MODEL_DIR
 
     if not cfg.base_model:
         raise SystemExit("base_model is required (a local dir, hub id or s3:// checkpoint)")
@@ -195,14 +192,14 @@ def run(cfg, callbacks: Callable[[str], list] | None = None) -> dict[str, str]:
     datasets = None
     for stage in STAGES[cfg.method]:
         final = storage.join(cfg.storage_path, cfg.name, stage, MODEL_DIR)
-        if storage.exists(storage.join(final, "tah_config.json")):
+        if storage.is_published(final, "tah_config.json"):
             print(f"[train] {stage}: already finished ({final})", flush=True)
         else:
             datasets = datasets or label_splits(cfg.labels, cfg.max_length, cfg.num_workers)
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"cfg": to_dict(cfg), "stage": stage, "init_from": init,
-                                   "fail_after_step": os.environ.get(FAIL_AFTER_STEP),
+                                   "after_checkpoint": after_checkpoint,
                                    "log_dir": None if storage.is_s3(cfg.storage_path)
                                    else str(Path(cfg.storage_path, cfg.name, "tensorboard"))},
                 scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),

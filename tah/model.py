@@ -495,7 +495,8 @@ class TaHForCausalLM(nn.Module):
                         device: str | torch.device | None = None, **overrides: Any) -> "TaHForCausalLM":
         """Load a directory (or s3:// prefix) written by `save_pretrained`; overrides: TaHConfig
         fields, e.g. threshold=0.8."""
-        if storage.is_s3(path) and not storage.exists(storage.join(str(path), TAH_CONFIG_NAME)):
+        # (an s3:// prefix is checked before anything is downloaded; its published version is read)
+        if storage.is_s3(path) and not storage.is_published(str(path), TAH_CONFIG_NAME):
             raise FileNotFoundError(f"{path} is not a TaH checkpoint (no {TAH_CONFIG_NAME})")
         path = Path(storage.local_copy(str(path)))
         if not (path / TAH_CONFIG_NAME).is_file():

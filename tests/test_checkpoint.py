@@ -164,14 +164,17 @@ def test_pruned_backbone_saves_and_wraps(tmp_path):
 
 
 def test_save_and_load_through_s3(s3_server, tmp_path, monkeypatch):
-    """Checkpoint to an S3-compatible server on 127.0.0.1, then from_pretrained from the s3:// URI."""
+    """Checkpoint to an S3-compatible server on 127.0.0.1, then from_pretrained from the s3:// URI;
+    saved again under the same URI, the next from_pretrained loads the new weights."""
     from tah import storage
 
     monkeypatch.setenv("TAH_CACHE", str(tmp_path / "cache"))
     storage.s3_client().create_bucket(Bucket="ckpt")
     model, _ = make(max_depth=2)
     model.save_pretrained("s3://ckpt/runs/a")
-    assert storage.exists("s3://ckpt/runs/a/tah_config.json") and storage.exists("s3://ckpt/runs/a/lora/adapter_model.safetensors")
+    version = storage.resolve("s3://ckpt/runs/a")  # s3://ckpt/runs/a/.versions/<version>
+    assert storage.is_published("s3://ckpt/runs/a", "tah_config.json")
+    assert storage.exists(f"{version}/tah_config.json") and storage.exists(f"{version}/lora/adapter_model.safetensors")
     loaded = TaHForCausalLM.from_pretrained("s3://ckpt/runs/a")
     ids, mask = batch(B=2, T=9)
     depths = random_depths(2, 9, 2, hard_fraction=0.4, seed=3)
@@ -179,6 +182,13 @@ def test_save_and_load_through_s3(s3_server, tmp_path, monkeypatch):
         a = model(ids, attention_mask=mask, depths=depths).logits
         b = loaded(ids, attention_mask=mask, depths=depths).logits
     assert torch.equal(a[mask.bool()], b[mask.bool()])
+    with torch.no_grad():
+        for p in model.decider.parameters():
+            p.add_(1.0)
+    model.save_pretrained("s3://ckpt/runs/a")
+    assert storage.resolve("s3://ckpt/runs/a") != version
+    again = TaHForCausalLM.from_pretrained("s3://ckpt/runs/a")
+    assert all(torch.equal(p, q) for p, q in zip(model.decider.parameters(), again.decider.parameters()))
     with pytest.raises(FileNotFoundError, match="not a TaH checkpoint"):
         TaHForCausalLM.from_pretrained("s3://ckpt/runs/missing")
 

@@ -1,18 +1,21 @@
-"""jobs/label.py on local Ray: equal to a plain loop, exactly once across a kill, S3 via a real endpoint."""
+"""jobs/label.py on local Ray: equal to a plain loop, exactly once across a kill, S3 via a real endpoint;
+an output is claimed by one identity (settings + source fingerprint) and refuses any other."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tah.config import LabelConfig
+from tah.config import LabelConfig, to_dict
 from tah.data.labeling import ReferenceLabeler, label_samples, load_tokenizer, read_labels
 from tah.data.openr1 import iter_samples, select_balanced
 
@@ -99,15 +102,30 @@ def test_actors_that_would_hold_every_cpu_are_refused(ref_model, ray_session, tm
     assert [r["depth"] for r in a] == [r["depth"] for r in b]
 
 
-def test_kill_and_resume_is_exactly_once(ref_model, ray_session, tmp_path):
-    from jobs.label import FAIL_AFTER_WAVES, run
+# The label job in its own process, killed (os._exit: no cleanup, like SIGKILL) by its hook once
+# `after` waves are committed.
+KILLED_JOB = """
+import json, os, sys
+from jobs.common import init_ray
+from jobs.label import Hooks, run
+from tah.config import LabelConfig, to_dict
+init_ray()
+after = int(sys.argv[2])
+run(LabelConfig(**json.loads(sys.argv[1])), Hooks(after_wave=lambda waves: os._exit(3) if waves >= after else None))
+"""
 
-    cfg = _cfg(ref_model, tmp_path / "labels", num_shards=4, shards_per_wave=1)
-    args = [sys.executable, str(ROOT / "jobs/label.py"), *(f"{k}={json.dumps(v)}" for k, v in {
-        "reference_model": cfg.reference_model, "source": cfg.source, "tokenizer": cfg.tokenizer,
-        "output": cfg.output, "samples_per_domain": 6, "num_shards": 4, "shards_per_wave": 1, "batch_size": 5}.items())]
-    env = {**os.environ, FAIL_AFTER_WAVES: "2"}
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+def test_kill_and_resume_is_exactly_once(ref_model, ray_session, tmp_path):
+    """Killed after two of four waves, re-run: every sample exactly once. Then the source changes
+    under the same output: refused, naming the changed file."""
+    from jobs.label import run
+
+    source = tmp_path / "source"  # a copy, to change below
+    for d in DOMAINS:
+        shutil.copytree(ROOT / "data/tinytask" / d, source / d)
+    cfg = _cfg(ref_model, tmp_path / "labels", source=str(source), num_shards=4, shards_per_wave=1)
+    proc = subprocess.run([sys.executable, "-c", KILLED_JOB, json.dumps(to_dict(cfg)), "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 3, proc.stderr[-2000:]
     done = sorted(p.name for p in Path(cfg.output).glob("shard-*.parquet"))
     assert len(done) == 2 and not (Path(cfg.output) / "manifest.json").exists()
@@ -120,6 +138,39 @@ def test_kill_and_resume_is_exactly_once(ref_model, ray_session, tmp_path):
     assert set(ids) == {s.id for s in _selected(cfg)}
     assert manifest["samples"] == 18
     assert before == {n: (Path(cfg.output) / n).stat().st_mtime_ns for n in done}  # committed shards kept
+    train = source / "math" / "train-00000-of-00001.jsonl"
+    train.write_text(train.read_text().replace("1", "2", 1))  # same size, other content
+    with pytest.raises(SystemExit, match="different source.*math/train-00000-of-00001.jsonl"):
+        run(cfg)
+
+
+def test_one_fresh_output_admits_one_identity(tmp_path):
+    """Jobs started together into one fresh output: exactly one claims it; the others, with other
+    settings, are refused; a job with the claimant's identity proceeds (a resume)."""
+    from jobs.label import check_output, identity
+
+    cfgs = [_cfg("ref", tmp_path / "out", seed=i) for i in range(6)]
+    idents = [identity(c) for c in cfgs]
+    start, outcome = threading.Barrier(len(cfgs)), {}
+
+    def claim(i: int) -> None:
+        start.wait()
+        try:
+            check_output(cfgs[i], idents[i])
+            outcome[i] = "proceeds"
+        except SystemExit as e:
+            outcome[i] = str(e)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(cfgs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, o in outcome.items() if o == "proceeds"]
+    assert len(winners) == 1 and all("different settings (seed)" in o for i, o in outcome.items() if i not in winners)
+    assert json.loads((tmp_path / "out" / "label_config.json").read_text()) == idents[winners[0]]
+    check_output(cfgs[winners[0]], idents[winners[0]])  # the same identity again: a resume
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["label_config.json"]  # no temporary left
 
 
 def test_label_job_reads_and_writes_s3(ref_model, s3_server, tmp_path):
@@ -141,3 +192,17 @@ def test_label_job_reads_and_writes_s3(ref_model, s3_server, tmp_path):
     manifest = json.loads(storage.read_bytes("s3://tah/labels/manifest.json"))
     assert manifest["samples"] == 12 and manifest["reference_model"] == "s3://tah/ref"
     assert all(len(r["depth"]) == len(r["input_ids"]) for r in rows)
+    # The output was claimed on S3 with the source's ETags: an object of the source replaced by other
+    # content, and the same job is refused; another job into a fresh S3 output claims it exactly once.
+    from jobs.label import check_output, identity
+
+    cfg = _cfg("s3://tah/ref", "s3://tah/labels", source="s3://tah/data", tokenizer="s3://tah/tokenizer",
+               samples_per_domain=4, num_shards=2, shards_per_wave=8, batch_size=16)
+    check_output(cfg, identity(cfg))
+    storage.write_bytes_atomic("s3://tah/data/code/train-00000-of-00001.jsonl", b'{"messages": []}\n')
+    with pytest.raises(SystemExit, match="different source.*code/train-00000-of-00001.jsonl"):
+        check_output(cfg, identity(cfg))
+    fresh = [_cfg("ref", "s3://tah/fresh", source="s3://tah/data", seed=i) for i in range(2)]
+    check_output(fresh[0], identity(fresh[0]))
+    with pytest.raises(SystemExit, match="different settings"):
+        check_output(fresh[1], identity(fresh[1]))

@@ -119,7 +119,9 @@ def test_recipe_to_s3_then_serve_from_s3(s3_server, tmp_path):
     assert "labels/manifest.json" in names and "results.md" in names and "eval/summary.json" in names
     assert not any(n.startswith(("train/standard", "sft-data")) for n in names)  # the reference was given
     ckpt = "s3://prod/tah/tiny/train/tah/stage2/model"
-    assert storage.exists(storage.join(ckpt, "tah_config.json"))
+    # Published versioned: the files under .versions/<version>/, the pointer LATEST written last.
+    assert storage.is_published(ckpt, "tah_config.json") and "train/tah/stage2/model/LATEST" in names
+    assert f"{storage.resolve(ckpt)}/tah_config.json"[len("s3://prod/tah/tiny/"):] in names
     labels = json.loads(storage.read_bytes("s3://prod/tah/tiny/labels/manifest.json"))
     assert "s3://prod/sft/tiny" in json.dumps(labels)  # labelled with the given reference
     rows = json.loads(storage.read_bytes("s3://prod/tah/tiny/results.json"))["rows"]

@@ -123,11 +123,11 @@ def test_standard_baseline_shares_the_code_path(setup):
     assert TaHForCausalLM.from_pretrained(out["standard"]).config.max_depth == 1
 
 
-def test_crash_and_resume_equals_uninterrupted(setup, monkeypatch):
+def test_crash_and_resume_equals_uninterrupted(setup):
     """AlwaysThink (the other baseline, one stage at depth 2 everywhere) trained twice, the second
     time with a worker killed after the step-2 checkpoint: the same weights and loss."""
     from jobs.train import run
-    from tah.train.loop import FAIL_AFTER_STEP
+    from tah.testing import FailAfterStep
 
     root = setup
     a = run(_cfg(root, "resume-a", method="always_think"))
@@ -135,8 +135,8 @@ def test_crash_and_resume_equals_uninterrupted(setup, monkeypatch):
     assert m.config.max_depth == 2 and m.config.depth_attention == "current"
     losses = _losses(root, "resume-a", "stage1")
     assert losses[-1] < losses[0]
-    monkeypatch.setenv(FAIL_AFTER_STEP, f"2:{root / 'crashed-once'}")
-    b = run(_cfg(root, "resume-b", method="always_think"))
+    b = run(_cfg(root, "resume-b", method="always_think"),
+            after_checkpoint=FailAfterStep(2, str(root / "crashed-once")))
     assert (root / "crashed-once").exists()  # the worker really died after the step-2 checkpoint
     wa, wb = _weights(Path(a["stage1"])), _weights(Path(b["stage1"]))
     for k in wa:

@@ -31,8 +31,6 @@ from .losses import decider_loss, pos_weight, stop_continue_counts
 
 STATE_NAME = "trainer_state.json"
 MODEL_DIR = "model"
-# Test hook: raise once (per marker file) right after the checkpoint of this step, as a crash would.
-FAIL_AFTER_STEP = "TAH_TRAIN_FAIL_AFTER_STEP"
 
 
 @dataclass
@@ -45,6 +43,9 @@ class Hooks:
     """A checkpoint directory from an earlier attempt of this stage, or None."""
     log_dir: str | None = None
     """Where rank 0 writes TensorBoard scalars (None: no TensorBoard)."""
+    after_checkpoint: Callable[[int], None] | None = None
+    """Called with the step number in every worker once that step's checkpoint is reported (tests
+    crash a worker here, e.g. tah.testing.FailAfterStep, to check that a resumed run is exact)."""
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -66,17 +67,6 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no fused/CPU-Adam op to compile
         "steps_per_print": 10**9,
     }
-
-
-def _maybe_fail(step: int) -> None:
-    """The crash of the resume test: once, after the checkpoint of step N has been reported."""
-    spec = os.environ.get(FAIL_AFTER_STEP)
-    if not spec:
-        return
-    at, marker = spec.split(":", 1)
-    if step == int(at) and not os.path.exists(marker):
-        open(marker, "w").close()
-        raise RuntimeError(f"{FAIL_AFTER_STEP}: simulated crash after step {step}")
 
 
 def _micro_batches(rows: list[dict[str, Any]], cfg: TrainConfig, epoch: int) -> list[list[int]]:
@@ -216,7 +206,8 @@ def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]
                             json.dump({"step": step, "stage": stage}, f)
                         model.save_pretrained(os.path.join(tmp, MODEL_DIR))
                     hooks.report(metrics, tmp)
-                _maybe_fail(step)
+                if hooks.after_checkpoint is not None:
+                    hooks.after_checkpoint(step)
             elif "val_loss" in metrics:
                 # Only with validation: a report is a barrier across workers (Ray Train v2), which
                 # would cost more than a tiny model's step; every step still goes to TensorBoard.
