@@ -1,4 +1,5 @@
-"""Duo-causal attention: the mask rule and its backends, plugged into HF's AttentionInterface.
+"""Duo-causal attention: the mask rule and its backends, plugged into HF's AttentionInterface
+(through tah/hf_adapter.py).
 
 Query (i, d) may attend to key (j, k) iff j <= i, k <= d and token j ran depth k. TaH runs one depth at
 a time, and the key set handed to a depth-d call holds only depths the rule allows (see tah/cache.py),
@@ -38,9 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from .hf_adapter import register_attention, sdpa_forward
 
 ATTN_IMPLEMENTATION = "tah"
 # Invalid (padding) query slots get this position so that they see every valid key: their output is
@@ -239,8 +238,7 @@ def tah_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         attention_mask.counts["mixed_decode"] += 1
         return _mixed_decode(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
     if not isinstance(attention_mask, DuoCausalSpec):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
+        return sdpa_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError("sliding-window layers are not supported by TaH's duo-causal attention")
     spec = attention_mask
@@ -260,7 +258,6 @@ def tah_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, tah_attention)
-# HF builds its own 4-D mask before calling attention when the backbone runs on its own; give the
-# "tah" name sdpa's mask format so that standalone use keeps working.
-ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+# HF builds its own 4-D mask before calling attention when the backbone runs on its own; the adapter
+# gives the "tah" name sdpa's mask format too, so that standalone use keeps working.
+register_attention(ATTN_IMPLEMENTATION, tah_attention)

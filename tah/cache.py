@@ -12,7 +12,8 @@ variant allows (duo-causal: 1..d), never keys of deeper depths. Two stores share
               vector instead of any positional mask for single-token steps.
 
 HF's attention modules call `view.update(key_states, value_states, layer_idx)` (we pass the view as
-`past_key_values`) and get back the visible keys; `view.spec` is passed as `attention_mask`.
+the layers' cache) and get back the visible keys; `view.spec` is passed as `attention_mask`. That call
+is the protocol `tah.hf_adapter.KVCacheView` (its contract and the HF versions it was checked with).
 Try it: python -m tah.demo
 """
 
@@ -23,6 +24,7 @@ from collections import Counter
 import torch
 
 from .attention import INVALID_QUERY_POS, DuoCausalSpec, MixedDecodeSpec
+from .hf_adapter import KVCacheView
 
 
 def visible_depths(depth: int, depth_attention: str) -> tuple[int, int]:
@@ -40,14 +42,15 @@ def _query_pos(q_pos: torch.Tensor, q_valid: torch.Tensor) -> torch.Tensor:
     return torch.where(q_valid, q_pos, torch.full_like(q_pos, INVALID_QUERY_POS))
 
 
-class _DepthView:
-    """What one depth's pass through the layers sees; subclasses implement `update`."""
+class _DepthView(KVCacheView):
+    """What one depth's pass through the layers sees; subclasses implement `update` (the
+    hf_adapter.KVCacheView protocol HF's attention modules call)."""
 
     spec: DuoCausalSpec
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                layer_idx: int, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """HF's attention calls this; extra arguments (cache_kwargs, or kwargs= since 5.24) are unused."""
+        """HF's attention calls this (hf_adapter.KVCacheView); extra arguments are unused."""
         raise NotImplementedError
 
 

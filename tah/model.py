@@ -22,21 +22,23 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from . import hf_adapter as hf
 from . import storage
 from .attention import ATTN_IMPLEMENTATION
 from .cache import PackedKV, TaHCache
 from .config import TaHConfig
 from .decider import IterationDecider, default_decider_layers
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 TAH_CONFIG_NAME = "tah_config.json"
 DECIDER_NAME = "decider.safetensors"
@@ -98,43 +100,28 @@ def soft_embedding(topk_values: torch.Tensor, topk_indices: torch.Tensor, weight
     return F.embedding_bag(topk_indices, weight, per_sample_weights=probs, mode="sum")
 
 
-def _check_backbone(backbone: nn.Module) -> None:
-    inner = getattr(backbone, "model", None)
-    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
-        if inner is None or not hasattr(inner, name):
-            raise TypeError(
-                f"TaH wraps HF decoder-only LMs with the Llama/Qwen layout (model.embed_tokens, model.layers, "
-                f"model.norm, model.rotary_emb, lm_head); {type(backbone).__name__} has no model.{name}"
-            )
-    types = set(getattr(backbone.config, "layer_types", None) or ["full_attention"])
-    if types != {"full_attention"}:
-        raise NotImplementedError(f"sliding-window layers are not supported by TaH yet (layer_types={types})")
-
-
 class TaHForCausalLM(nn.Module):
     """A looped HF causal LM that runs a second (or d-th) depth only for hard tokens."""
 
     def __init__(self, backbone: PreTrainedModel, config: TaHConfig, lora_path: str | Path | None = None) -> None:
         super().__init__()
-        _check_backbone(backbone)
+        hf.check_decoder_layout(backbone)
         self.config = config
-        backbone.config._attn_implementation = ATTN_IMPLEMENTATION
+        hf.set_attn_implementation(backbone, ATTN_IMPLEMENTATION)
         num_layers = backbone.config.num_hidden_layers
         peft_model: PeftModel | None = None
         if config.max_depth >= 2:
             if lora_path is not None:
-                peft_model = PeftModel.from_pretrained(backbone, str(lora_path), is_trainable=True)
+                peft_model = hf.load_lora(backbone, lora_path)
             else:
-                lc = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                                target_modules=config.lora.target_modules, bias="none", task_type="CAUSAL_LM")
-                peft_model = get_peft_model(backbone, lc)  # standard init: B = 0
+                peft_model = hf.wrap_with_lora(backbone, config.lora)  # standard init: B = 0
         # Kept unregistered: the peft wrapper holds the same backbone, and registering it would put
         # every tensor twice into state_dict (and into DeepSpeed's view of the model).
         object.__setattr__(self, "_peft", peft_model)
         self.backbone = backbone
         # Flip the flag on a cached list: walking all modules per switch costs milliseconds per step.
-        self._lora_layers = [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
-        self._lora_scaling = [dict(m.scaling) for m in self._lora_layers]
+        self._lora_layers = hf.lora_layers(backbone)
+        self._lora_scaling = hf.lora_scalings(self._lora_layers)
         self.decider_layers = list(config.decider.layers or default_decider_layers(num_layers))
         if any(not 0 <= i <= num_layers for i in self.decider_layers):
             raise ValueError(f"decider.layers {self.decider_layers} outside 0..{num_layers}")
@@ -160,8 +147,7 @@ class TaHForCausalLM(nn.Module):
         return self.backbone.config.num_hidden_layers
 
     def _set_lora(self, active: bool) -> None:
-        for m in self._lora_layers:
-            m._disable_adapters = not active
+        hf.set_lora_enabled(self._lora_layers, active)
 
     def _set_lora_rows(self, rows: torch.Tensor | None) -> None:
         """LoRA on for the rows where `rows` (B,) is 1 and off elsewhere (None: off, scalings restored).
@@ -169,21 +155,18 @@ class TaHForCausalLM(nn.Module):
         peft multiplies the adapter output by `scaling`; a (B, 1, 1) scaling of 0/1 x alpha/r turns it
         off per row (x + 0 is exact). The adapter's extra work on the off rows is rank-r, negligible."""
         if rows is None:
-            for m, sc in zip(self._lora_layers, self._lora_scaling):
-                m.scaling.update(sc)
-                m._disable_adapters = True
+            hf.set_lora_row_scale(self._lora_layers, self._lora_scaling, None)
+            hf.set_lora_enabled(self._lora_layers, False)
             return
-        mask = rows.to(self.backbone.get_input_embeddings().weight.dtype)[:, None, None]
-        for m, sc in zip(self._lora_layers, self._lora_scaling):
-            m._disable_adapters = False
-            for name, v in sc.items():
-                m.scaling[name] = mask * v
+        hf.set_lora_enabled(self._lora_layers, True)
+        hf.set_lora_row_scale(self._lora_layers, self._lora_scaling,
+                              rows.to(self.backbone.get_input_embeddings().weight.dtype))
 
     def components(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by component: backbone (incl. embeddings, lm_head), lora, decider."""
         out: dict[str, list[nn.Parameter]] = {"backbone": [], "lora": [], "decider": []}
         for name, p in self.backbone.named_parameters():
-            out["lora" if "lora_" in name else "backbone"].append(p)
+            out["lora" if hf.is_lora_param(name) else "backbone"].append(p)
         if self.decider is not None:
             out["decider"] = list(self.decider.parameters())
         return out
@@ -211,10 +194,9 @@ class TaHForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, capacity: int = 0, chunk: int = 128) -> TaHCache:
         """An empty per-depth KV cache sized for this model."""
-        cfg = self.backbone.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        num_kv_heads, head_dim = hf.kv_shape(self.backbone.config)
         w = self.backbone.get_input_embeddings().weight
-        return TaHCache(self.num_layers, self.config.max_depth, batch_size, cfg.num_key_value_heads, head_dim,
+        return TaHCache(self.num_layers, self.config.max_depth, batch_size, num_kv_heads, head_dim,
                         dtype=w.dtype, device=w.device, chunk=chunk, capacity=capacity,
                         depth_attention=self.config.depth_attention)
 
@@ -233,16 +215,15 @@ class TaHForCausalLM(nn.Module):
                 keep: set[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The backbone's layers and final norm over x (B, T, H) with a cache view; returns the
         normed output and the hidden states at the `keep` indices (0 = input, L = after the norm)."""
-        inner = self.backbone.model
-        pe = inner.rotary_emb(x, q_pos)
+        parts = hf.decoder_parts(self.backbone)
+        pe = hf.rotary_embeddings(parts.rotary, x, q_pos)  # (cos, sin), each (B, T, head_dim)
         saved: dict[int, torch.Tensor] = {0: x} if 0 in keep else {}
         h = x
-        for i, layer in enumerate(inner.layers):
-            h = layer(h, attention_mask=view.spec, position_ids=q_pos, past_key_values=view, use_cache=True,
-                      position_embeddings=pe)
+        for i, layer in enumerate(parts.layers):
+            h = hf.run_layer(layer, h, view.spec, q_pos, view, pe)
             if i + 1 in keep and i + 1 < self.num_layers:
                 saved[i + 1] = h
-        h = inner.norm(h)
+        h = parts.norm(h)
         if self.num_layers in keep:
             saved[self.num_layers] = h
         return h, saved
@@ -306,6 +287,7 @@ class TaHForCausalLM(nn.Module):
         cum_lists: list[torch.Tensor] = []  # per depth: (N_d, V) cumulative logits, list order
         dec_parts: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         conts: list[torch.Tensor] = []  # per depth: which of its tokens continue deeper
+        topk_vals = topk_ids = prev_cum = None  # set at the end of depth d, read by depth d + 1
         for d in range(1, D + 1):
             if flat.numel() == 0:
                 break
@@ -317,7 +299,7 @@ class TaHForCausalLM(nn.Module):
                 x = lay.pack(soft_embedding(topk_vals, topk_ids, emb.weight))
             q_seg = lay.pack(flat_seg[flat]) if flat_seg is not None else None
             h, saved = self._run_depth(d, x, q_pos, lay, store, keep, q_seg)
-            logits = lay.unpack(self.backbone.lm_head(h))  # (N_d, V)
+            logits = lay.unpack(hf.decoder_parts(self.backbone).lm_head(h))  # (N_d, V)
             cum = logits if d == 1 else prev_cum + logits
             layouts.append(lay)
             cum_lists.append(cum)
@@ -397,7 +379,7 @@ class TaHForCausalLM(nn.Module):
             h, saved = self._layers(x, q_pos, view, keep)
         finally:
             self._set_lora_rows(None)
-        cum = self.backbone.lm_head(h)[:, 0]  # (B, V)
+        cum = hf.decoder_parts(self.backbone).lm_head(h)[:, 0]  # (B, V)
         if di.numel():
             cum = cum.index_add(0, di, prev_cum.to(cum.dtype))
         hidden = [saved[i][:, 0] for i in self.decider_layers] if self.decider is not None else None
@@ -473,11 +455,7 @@ class TaHForCausalLM(nn.Module):
                 gen.save_pretrained(tmp)
             save_file(backbone_state_dict(self.backbone), tmp / "model.safetensors", metadata={"format": "pt"})
             if self._peft is not None:
-                (tmp / LORA_DIR).mkdir()
-                self._peft.peft_config["default"].save_pretrained(tmp / LORA_DIR)
-                lora_sd = get_peft_model_state_dict(self._peft)
-                save_file({k: v.detach().contiguous().cpu() for k, v in lora_sd.items()},
-                          tmp / LORA_DIR / "adapter_model.safetensors", metadata={"format": "pt"})
+                hf.save_lora(self._peft, tmp / LORA_DIR)
             if self.decider is not None:
                 save_file({k: v.detach().contiguous().cpu() for k, v in self.decider.state_dict().items()},
                           tmp / DECIDER_NAME, metadata={"format": "pt"})
@@ -550,11 +528,4 @@ def next_token_targets(labels: torch.Tensor, valid: torch.Tensor,
 
 def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's weights under plain HF names: peft's LoRA tensors dropped, base_layer unwrapped."""
-    sd = {}
-    for k, v in backbone.state_dict().items():
-        if ".lora_" in k:
-            continue
-        sd[k.replace(".base_layer.", ".")] = v.detach().contiguous().cpu()
-    if getattr(backbone.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)  # tied to embed_tokens; HF re-ties on load
-    return sd
+    return hf.base_state_dict(backbone)

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from .hf_adapter import decoder_parts, renumber_layers, set_decoder_layers
+
 
 def prune_layer(backbone: PreTrainedModel, index: int, inplace: bool = False) -> PreTrainedModel:
     """Remove decoder layer `index` (0-based). Prune the plain HF model, before wrapping it in TaH."""
-    layers = backbone.model.layers
+    layers = decoder_parts(backbone).layers
     n = len(layers)
     if n < 2:
         raise ValueError("cannot prune the only decoder layer")
@@ -28,22 +30,14 @@ def prune_layer(backbone: PreTrainedModel, index: int, inplace: bool = False) ->
     index %= n
     if not inplace:
         backbone = copy.deepcopy(backbone)
-        layers = backbone.model.layers
+        layers = decoder_parts(backbone).layers
     del layers[index]
-    _renumber(layers)
+    renumber_layers(layers)  # KV caches are indexed by layer_idx: keep the indices dense
     cfg = backbone.config
     cfg.num_hidden_layers = n - 1
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i != index]
     return backbone
-
-
-def _renumber(layers) -> None:
-    """KV caches are indexed by layer_idx: keep the indices dense after a removal."""
-    for i, layer in enumerate(layers):
-        for mod in layer.modules():
-            if hasattr(mod, "layer_idx"):
-                mod.layer_idx = i
 
 
 @torch.no_grad()
@@ -66,19 +60,19 @@ class without_layer:
         self.model, self.index = model, index
 
     def __enter__(self) -> PreTrainedModel:
-        layers = self.model.model.layers
+        layers = decoder_parts(self.model).layers
         self.saved = (list(layers), self.model.config.num_hidden_layers, getattr(self.model.config, "layer_types", None))
         kept = [l for i, l in enumerate(self.saved[0]) if i != self.index]
-        _renumber(kept)
-        self.model.model.layers = torch.nn.ModuleList(kept)
+        renumber_layers(kept)
+        set_decoder_layers(self.model, torch.nn.ModuleList(kept))
         self.model.config.num_hidden_layers = len(kept)
         if self.saved[2] is not None:
             self.model.config.layer_types = [t for i, t in enumerate(self.saved[2]) if i != self.index]
         return self.model
 
     def __exit__(self, *exc: object) -> None:
-        _renumber(self.saved[0])
-        self.model.model.layers = torch.nn.ModuleList(self.saved[0])
+        renumber_layers(self.saved[0])
+        set_decoder_layers(self.model, torch.nn.ModuleList(self.saved[0]))
         self.model.config.num_hidden_layers = self.saved[1]
         if self.saved[2] is not None:
             self.model.config.layer_types = self.saved[2]
