@@ -3,6 +3,8 @@
 No Ray here: serve/tah.py wires these into a Ray Serve deployment. Requests are validated strictly
 (wrong types and unknown fields are 400s in OpenAI's error shape); the non-OpenAI knobs top_k,
 min_p, threshold (the decider's), ignore_eos, stop_token_ids are accepted as extra body fields.
+Every field is bounded (`parse` with the server's `Limits`): a request is refused here, with a 4xx,
+before anything of it reaches the tokenizer or the engine.
 
     python -c "from serve.protocol import CompletionRequest; print(CompletionRequest(model='m', prompt='hi'))"
 """
@@ -10,15 +12,28 @@ min_p, threshold (the decider's), ignore_eos, stop_token_ids are accepted as ext
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from tah.engine import SamplingParams
 
 MAX_N = 8
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_MESSAGES = 4096
+MAX_NAME_CHARS = 64  # OpenAI's limit for a message's `name`
+MAX_USER_CHARS = 512
+MAX_MODEL_CHARS = 256  # the model id is echoed in the 404 message
+MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4 levels deep; json itself would recurse ~1000 levels
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is an int64
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class APIError(Exception):
@@ -33,6 +48,30 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def server_error() -> APIError:
+    """Our bug, not the client's: the details go to the server log, not into the response."""
+    return APIError(500, "The server had an error while processing your request. Sorry about that!", "server_error")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask of this server (known once the model and tokenizer are loaded)."""
+
+    vocab_size: int
+    max_model_len: int
+    max_token_chars: int = 64
+    """The longest token's text: a prompt of more characters than max_model_len x this cannot fit."""
+    min_request_threshold: float = 0.0
+    """The lowest decider threshold a request may ask for (lower = more tokens at depth 2)."""
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_model_len * max(1, self.max_token_chars)
+
+
+Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -42,30 +81,39 @@ class StreamOptions(_Strict):
 
 
 class _Common(_Strict):
-    model: str
+    model: str = Field(max_length=MAX_MODEL_CHARS)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.6, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)  # accepted only at their neutral value
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
     # extras (not in OpenAI's API)
     top_k: int = Field(default=20, ge=0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
 
     def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError(400, "stop must be at most 4 non-empty strings", param="stop")
-        return stops
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def check(self, limits: Limits) -> None:
+        """The bounds that depend on the served model (APIError(400) naming the field)."""
+        if self.top_k > limits.vocab_size:
+            raise APIError(400, f"top_k must be at most the vocabulary size {limits.vocab_size} (0 = off)",
+                           param="top_k")
+        if any(not 0 <= t < limits.vocab_size for t in self.stop_token_ids or []):
+            raise APIError(400, f"stop_token_ids must be token ids in [0, {limits.vocab_size})",
+                           param="stop_token_ids")
+        if self.threshold is not None and self.threshold < limits.min_request_threshold:
+            raise APIError(400, f"threshold must be at least {limits.min_request_threshold} on this server "
+                                f"(a lower threshold runs more tokens at depth 2)", param="threshold")
 
     def sampling(self, logprobs: int | None, index: int) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -75,6 +123,12 @@ class _Common(_Strict):
                               logprobs=logprobs, threshold=self.threshold)
 
 
+def _too_long(limits: Limits, what: str, n: int) -> APIError:
+    return APIError(400, f"This model's maximum context length is {limits.max_model_len} tokens. However, {what} "
+                         f"({n} characters) cannot fit in it. Please reduce the length of the prompt.",
+                    param="messages" if what.startswith("the messages") else "prompt", code="context_length_exceeded")
+
+
 class CompletionRequest(_Common):
     prompt: str | list[int]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
@@ -82,63 +136,173 @@ class CompletionRequest(_Common):
     echo: Literal[False] = False
     suffix: None = None
 
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
+        if isinstance(self.prompt, str):
+            if len(self.prompt) > limits.max_prompt_chars:  # checked before the tokenizer sees it
+                raise _too_long(limits, "the prompt", len(self.prompt))
+        elif len(self.prompt) >= limits.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {limits.max_model_len} tokens. However, "
+                                f"the prompt has {len(self.prompt)} tokens.", param="prompt",
+                           code="context_length_exceeded")
+
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: str
-    name: str | None = None
+    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
 
 
 class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
+        if len(self.messages) >= limits.max_model_len:  # each message is at least one token
+            raise APIError(400, f"at most {limits.max_model_len - 1} messages fit this model's context",
+                           param="messages")
+        chars = sum(len(m.content) + len(m.name or "") for m in self.messages)
+        if chars > limits.max_prompt_chars:
+            raise _too_long(limits, "the messages", chars)
 
-def parse(cls: type[_Strict], raw: bytes) -> Any:
-    """Body bytes -> validated request, or APIError(400) saying what is wrong."""
+
+def load_json(raw: bytes) -> dict[str, Any]:
+    """Body bytes -> a JSON object, or APIError(400): invalid UTF-8, invalid JSON, NaN / Infinity,
+    nesting beyond MAX_JSON_DEPTH, lone surrogates (they would fail the tokenizer), a non-object."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        text = raw.decode("utf-8")  # strict: UTF-8-encoded surrogates are errors too
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of more than 4300 digits
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    _check_tree(data)
+    return data
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check_tree(data: Any) -> None:
+    """Walk the parsed body without recursion (its depth is what is being checked)."""
+    stack = [(data, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(x, str):
+            if _SURROGATE.search(x):
+                raise APIError(400, "the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                                    "which is not text")
+        elif isinstance(x, dict):
+            stack.extend((k, depth) for k in x)
+            stack.extend((v, depth + 1) for v in x.values())
+        elif isinstance(x, list):
+            stack.extend((v, depth + 1) for v in x)
+
+
+def _is_field(loc: str) -> bool:
+    """A field name, not a union member's tag ("str", "list[int]", "constrained-str") in an error's loc."""
+    return re.fullmatch(r"\w+", loc) is not None and loc not in ("str", "int", "float", "bool", "list", "dict")
+
+
+def parse(cls: type[_Common], raw: bytes, limits: Limits | None = None) -> Any:
+    """Body bytes -> validated request, or APIError(400) saying what is wrong."""
+    data = load_json(raw)
     try:
         req = cls.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
+        # A union field (stop: str | list) reports one error per member: a bound that failed, or else
+        # the deepest mismatch, says more than "not a string".
+        err = max(e.errors(), key=lambda x: (not x["type"].endswith("_type"), len(x["loc"])))
+        where = ".".join(str(x) for x in err["loc"] if isinstance(x, int) or _is_field(x))
         raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param=where or None) from None
     if req.stream and req.n > 1:
         raise APIError(400, "stream=true supports n=1 only", param="n")
+    if limits is not None:
+        req.check(limits)
     return req
 
 
 class Detokenizer:
-    """Incremental text of a growing token list; holds back an incomplete UTF-8 character."""
+    """Incremental text of a growing token list, in time linear in its length.
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+    As vLLM's `detokenize_incrementally`: each token decodes only a short window, the tokens since
+    the text last grew plus the ones that made it grow (context, so that a tokenizer that treats the
+    first token of a decode specially, e.g. SentencePiece's leading space, does so in both decodes);
+    the new text is what the window adds to its context. While the window ends in U+FFFD (a UTF-8
+    character split across tokens) nothing is emitted; after MAX_HELD such tokens (invalid bytes, not
+    a split character) the text up to the last point where decoding splits cleanly is emitted."""
+
+    MAX_HELD = 16
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # window = ids[prefix:]; context = ids[prefix:read]
+        self.pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if ids else ""
 
     def add(self, token_id: int, final: bool = False) -> str:
         """The new text this token completes ("" while a multi-byte character is still partial;
         `final` flushes whatever is left, replacement characters included)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:
-            return ""
-        new, self.text = text[len(self.text):], text
+        ctx = self._decode(self.ids[self.prefix:self.read])
+        full = self._decode(self.ids[self.prefix:])
+        end = len(self.ids)
+        if full.endswith("\ufffd") and not final:
+            if end - self.read <= self.MAX_HELD:
+                return ""
+            # Not a split character (those span at most 4 tokens): emit up to the last token boundary
+            # where the window decodes as its two halves do, so the text stays that of one decode.
+            for j in range(end - 1, self.read, -1):
+                head = self._decode(self.ids[self.prefix:j])
+                if head + self._decode(self.ids[j:]) == full:
+                    full, end = head, j
+                    break
+        new = full[len(ctx):]
+        self.prefix, self.read = self.read, end
+        self.pieces.append(new)
         return new
 
 
-def find_stop(text: str, stops: list[str], start: int) -> int | None:
-    """Index where the earliest stop string begins at or after `start` - len(longest stop), or None."""
-    if not stops:
-        return None
-    lo = max(0, start - max(len(s) for s in stops))
-    hits = [i for i in (text.find(s, lo) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+class StopMatcher:
+    """Stop strings found in streamed text without rescanning it: the last (longest stop - 1)
+    characters are held back, as they may be the start of a stop string, so each piece is searched
+    once together with that short tail and text past a stop string is never sent. The text ends
+    before the stop string that completes first (as if fed one character at a time), however the
+    text is split into pieces."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.keep = max((len(s) for s in stops), default=1) - 1
+        self.held = ""
+
+    def feed(self, new: str, final: bool = False) -> tuple[str, bool]:
+        """(text to send now, whether a stop string ended the text)."""
+        buf = self.held + new
+        hits = [(i + len(s), i) for s, i in ((s, buf.find(s)) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[:min(hits)[1]], True  # the earliest end; at a tie, the longer stop
+        cut = len(buf) if final else max(0, len(buf) - self.keep)
+        self.held = buf[cut:]
+        return buf[:cut], False
 
 
 def new_id(prefix: str) -> str:

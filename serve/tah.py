@@ -11,24 +11,40 @@ requests into it and await their tokens (streamed as server-sent events when `st
 A client that disconnects aborts its generation and frees its slot. Bad input is a 4xx in
 OpenAI's error shape; overload beyond `max_queued_requests` is Serve's 503. The decider threshold
 is the deployment's `user_config` (change it on a live deployment with a new config, no restart).
+
+One request never takes others down: every field is bounded (serve/protocol.py), bodies are capped
+(`max_request_bytes`, 413), prompts are measured before and tokenized off the event loop, and a
+request that fails while being admitted, stepped or streamed ends alone (4xx for bad input, 500
+for our bug) with its slot and queue freed, the engine thread going on. With `api_key` (or
+$TAH_API_KEY) set, /v1/* wants `Authorization: Bearer <key>` (serve/security.py); /health and
+/metrics stay open. A local start binds 127.0.0.1 only.
 """
 
 import asyncio  # (no `from __future__ import annotations`: FastAPI reads the route annotations)
+import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from serve.security import keep_local_ray_on_loopback
 
-from serve.protocol import (APIError, ChatRequest, CompletionRequest, Detokenizer, chat_logprobs,
-                            completion_logprobs, find_stop, new_id, now, parse, usage)
+keep_local_ray_on_loopback()  # before `serve run` starts Ray (it calls the app builder first)
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
+from ray import serve  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+
+from serve.protocol import (APIError, ChatRequest, CompletionRequest, Detokenizer, Limits,  # noqa: E402
+                            StopMatcher, chat_logprobs, completion_logprobs, new_id, now, parse, server_error,
+                            usage)
+from serve.security import (api_key_digest, bind_replica_grpc_to_loopback, check_api_key,  # noqa: E402
+                            read_body)
 
 log = logging.getLogger("ray.serve")
 DEFAULT_MODEL = "runs/tiny/train/tah/stage2/model"
@@ -59,6 +75,20 @@ class ServeConfig:
     max_queued_requests: int = 128
     num_cpus: float = 1
     num_gpus: float = 0
+    api_key: str | None = field(default=None, repr=False)
+    """Clients must send `Authorization: Bearer <api_key>` to /v1/*; None: $TAH_API_KEY, else open.
+    Replicas get only its SHA-256, so the key is in no deployment config or log."""
+    min_request_threshold: float = 0.0
+    """The lowest decider threshold a request may ask for (body field `threshold`): a lower one sends
+    more tokens to depth 2, so this caps the depth one client can buy (the `threshold` above is not bound by it)."""
+    max_request_bytes: int = 4 * 2**20
+    """Request bodies larger than this are refused with a 413 (before being read)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_request_threshold <= 1:
+            raise ValueError(f"min_request_threshold must be in [0, 1], got {self.min_request_threshold}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be at least 1024, got {self.max_request_bytes}")
 
 
 fastapi_app = FastAPI(title="TaH", docs_url=None, redoc_url=None)
@@ -112,20 +142,32 @@ class _Metrics:
             self.n_iterated += 1
 
 
+def _longest_token(tokenizer: Any) -> int:
+    """Characters of the longest vocabulary entry (a byte-level token's text is never longer than
+    its entry): no prompt of more than max_model_len x this many characters can fit the window."""
+    try:
+        return max(len(t) for t in tokenizer.get_vocab())
+    except Exception:  # a tokenizer without a vocabulary listing: a generous bound
+        return 64
+
+
+# (Serve pickles the class when it is decorated: what its methods call must be defined above.)
 @serve.deployment
 @serve.ingress(fastapi_app)
 class TaHServer:
     """One replica: the model, its engine, and the thread that steps it."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], api_key_sha256: str | None = None) -> None:
         import torch
 
         from tah import TaHForCausalLM
         from tah.config import from_dict
-        from tah.data.labeling import checkpoint_tokenizer, load_tokenizer
         from tah.engine import Engine, EngineConfig
+        from tah.tokenizer import checkpoint_tokenizer, load_tokenizer
 
         self.cfg = c = from_dict(ServeConfig, cfg)
+        self.api_key_sha256 = api_key_sha256
+        bind_replica_grpc_to_loopback()
         dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
         self.model = TaHForCausalLM.from_pretrained(c.model, dtype=dtype, device=c.device)
         self.tokenizer = load_tokenizer(checkpoint_tokenizer(c.model, c.tokenizer))
@@ -136,14 +178,20 @@ class TaHServer:
                                                       max_prefill_tokens=c.max_prefill_tokens,
                                                       depth_policy=c.depth_policy, threshold=c.threshold),
                              eos_token_ids=sorted(eos))
+        self.limits = Limits(vocab_size=self.engine.vocab_size, max_model_len=c.max_model_len,
+                             max_token_chars=_longest_token(self.tokenizer),
+                             min_request_threshold=c.min_request_threshold)
+        # One thread: prompts are tokenized off the event loop, and a fast tokenizer is not used
+        # from two threads at once.
+        self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tah-tokenize")
         self.metrics = _Metrics()
         self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.wake = threading.Event()
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="tah-engine", daemon=True)
         self.thread.start()
-        log.info("TaH replica ready: %s on %s, %d slots x %d tokens", c.model, c.device, c.max_num_seqs,
-                 c.max_model_len)
+        log.info("TaH replica ready: %s on %s, %d slots x %d tokens%s", c.model, c.device, c.max_num_seqs,
+                 c.max_model_len, ", API key required" if api_key_sha256 else "")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         thr = user_config.get("threshold")
@@ -152,24 +200,33 @@ class TaHServer:
                 raise ValueError(f"threshold must be in [0, 1], got {thr}")
             self.engine.threshold = float(thr)
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine thread is gone is replaced."""
+        if not self.thread.is_alive():
+            raise RuntimeError("the engine thread has stopped")
+
     def __del__(self) -> None:
         self.stopped = True
 
     # ------------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
         while not self.stopped:
-            if not self.engine.has_work():
-                self.wake.wait(0.05)
-                self.wake.clear()
-                continue
             try:
-                events = self.engine.step()
-            except Exception as e:  # a bug, not bad input: fail the requests in flight, keep serving
+                if not self.engine.has_work():
+                    self.wake.wait(0.05)
+                    self.wake.clear()
+                    continue
+                events = self.engine.step()  # a failing request comes back as its own "error" event
+            except Exception as e:  # a bug in the engine's own guards: fail what runs, keep serving
                 log.exception("engine step failed")
-                for rid in list(self.queues):
-                    self.engine.abort(rid)
-                    self._deliver(rid, e)
-                continue
+                try:
+                    events = self.engine.fail_running(e)
+                except Exception:  # the engine is beyond repair: answer every request still waiting here
+                    log.exception("could not fail the running requests")
+                    events = []
+                    for rid in list(self.queues):
+                        self.engine.abort(rid)
+                        self._deliver(rid, e)
             for ev in events:
                 self._deliver(ev.request_id, ev)
 
@@ -177,13 +234,16 @@ class TaHServer:
         target = self.queues.get(rid)
         if target is not None:
             loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # that request's event loop is closed: nobody is waiting
+                pass
 
     async def _tokens(self, prompt: list[int], params, stops: list[str]) -> AsyncIterator[dict[str, Any]]:
-        """Submit one request; yield {"text", "token", "logprob", "top", "finish_reason", "stats"} per token.
+        """Submit one request; yield {"text", "token", "logprob", "top", "depth", "finish_reason"} per token.
 
-        Stop strings are matched on the detokenized text; leaving the loop early (client gone)
-        aborts the request in the engine."""
+        Stop strings are matched on the detokenized text; leaving the loop early (client gone, a stop
+        string, an error) aborts the request in the engine and frees its slot."""
         from tah.engine import RequestError
 
         rid = new_id("req")
@@ -194,41 +254,50 @@ class TaHServer:
         except RequestError as e:
             self.queues.pop(rid, None)
             raise APIError(400, str(e)) from None
+        except Exception:
+            self.queues.pop(rid, None)
+            log.exception("add_request failed")
+            raise server_error() from None
         self.wake.set()
-        t0, last, n, finished = time.perf_counter(), None, 0, False
-        detok, emitted = Detokenizer(self.tokenizer), 0
+        t0, last, engine_done, answered = time.perf_counter(), None, False, False
+        detok, stopper = Detokenizer(self.tokenizer), StopMatcher(stops)
         self.metrics.prompt.inc(len(prompt))
         try:
             while True:
                 ev = await q.get()
-                if isinstance(ev, Exception):
-                    raise APIError(500, f"generation failed: {ev}", "server_error")
+                if isinstance(ev, Exception):  # from the loop's last-resort handler
+                    engine_done = answered = True
+                    raise server_error()
+                if ev.finish_reason == "error":
+                    engine_done = answered = True
+                    self.metrics.requests.labels("error").inc()
+                    if isinstance(ev.error, RequestError):
+                        raise APIError(400, str(ev.error))
+                    raise server_error()
                 if ev.token_id < 0:  # aborted
-                    finished = True
+                    engine_done = answered = True
                     return
+                engine_done = ev.finished
                 t = time.perf_counter()
                 (self.metrics.ttft if last is None else self.metrics.itl).observe(t - (t0 if last is None else last))
-                last, n = t, n + 1
+                last = t
                 self.metrics.token(ev.depth)
-                detok.add(ev.token_id, final=ev.finished)
-                text, reason = detok.text, ev.finish_reason
-                cut = find_stop(text, stops, emitted)
-                if cut is not None:
-                    text, reason = text[:cut], "stop"
-                chunk = {"text": text[emitted:], "token": ev.token_id, "logprob": ev.logprob, "top": ev.top_logprobs,
+                text, hit = stopper.feed(detok.add(ev.token_id, final=ev.finished), final=ev.finished)
+                reason = "stop" if hit else ev.finish_reason
+                chunk = {"text": text, "token": ev.token_id, "logprob": ev.logprob, "top": ev.top_logprobs,
                          "depth": ev.depth, "finish_reason": reason}
-                emitted = len(text)
                 if reason is not None:
-                    finished = True
+                    answered = True
                     self.metrics.e2e.observe(t - t0)
                     self.metrics.requests.labels(reason).inc()
                     yield chunk
                     return
                 yield chunk
         finally:
-            if not finished:  # the client went away (or the handler failed): free the slot
+            if not engine_done:  # a stop string, the client gone, or the handler failed: free the slot
                 self.engine.abort(rid)
                 self.wake.set()
+            if not answered:
                 self.metrics.requests.labels("abort").inc()
             self.queues.pop(rid, None)
 
@@ -246,15 +315,31 @@ class TaHServer:
             return self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
         return list(req.prompt)
 
+    async def _tokenize(self, req: CompletionRequest | ChatRequest) -> list[int]:
+        """Prompt token ids, computed in the tokenizer thread (its length was bounded by `parse`)."""
+        from jinja2 import TemplateError
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, self._prompt_ids, req)
+        except TemplateError as e:  # the chat template refused these messages (e.g. roles out of order)
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+
+    def _authorize(self, request: Request) -> None:
+        check_api_key(request.headers.get("authorization"), self.api_key_sha256)
+
     @fastapi_app.get("/health")
     async def health(self) -> dict[str, Any]:
         return {"status": "ok"}
 
     @fastapi_app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except APIError as e:
+            return _error(e)
+        # No `root`: the checkpoint's path or bucket is the operator's business, not the client's.
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": now(),
-                                            "owned_by": "tah", "root": self.cfg.model,
-                                            "max_model_len": self.cfg.max_model_len}]}
+                                            "owned_by": "tah", "max_model_len": self.cfg.max_model_len}]}
 
     @fastapi_app.get("/metrics")
     async def prom(self) -> PlainTextResponse:
@@ -268,23 +353,28 @@ class TaHServer:
 
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request):
-        try:
-            req = parse(CompletionRequest, await request.body())
-            self._check_model(req.model)
-            return await self._serve(req, self._prompt_ids(req), chat=False)
-        except APIError as e:
-            return _error(e)
+        return await self._handle(request, CompletionRequest)
 
     @fastapi_app.post("/v1/chat/completions")
     async def chat(self, request: Request):
+        return await self._handle(request, ChatRequest)
+
+    async def _handle(self, request: Request, cls: type):
+        """Auth, body cap, parse, tokenize, generate: every failure is this request's alone, in
+        OpenAI's error shape."""
         try:
-            req = parse(ChatRequest, await request.body())
+            self._authorize(request)  # before reading the body: strangers get nothing parsed
+            req = parse(cls, await read_body(request, self.cfg.max_request_bytes), self.limits)
             self._check_model(req.model)
-            if req.max_completion_tokens is not None:
+            chat = cls is ChatRequest
+            if chat and req.max_completion_tokens is not None:
                 req.max_tokens = req.max_completion_tokens
-            return await self._serve(req, self._prompt_ids(req), chat=True)
+            return await self._serve(req, await self._tokenize(req), chat=chat)
         except APIError as e:
             return _error(e)
+        except Exception:
+            log.exception("request failed")
+            return _error(server_error())
 
     async def _serve(self, req, prompt: list[int], chat: bool):
         stops = req.stops()
@@ -293,10 +383,16 @@ class TaHServer:
         obj = "chat.completion" if chat else "text_completion"
         if req.stream:
             gen = self._tokens(prompt, req.sampling(lp, 0), stops)
-            first = await gen.__anext__()  # errors (context length, ...) become a 400 before streaming starts
+            first = await gen.__anext__()  # errors (context length, ...) become a 4xx before streaming starts
             return StreamingResponse(self._sse(gen, first, req, rid, created, len(prompt), chat),
                                      media_type="text/event-stream")
-        results = await asyncio.gather(*[self._collect(prompt, req.sampling(lp, i), stops) for i in range(req.n)])
+        try:
+            # A TaskGroup, not gather: when one choice fails the others are cancelled (their slots freed).
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._collect(prompt, req.sampling(lp, i), stops)) for i in range(req.n)]
+        except ExceptionGroup as eg:  # one choice's error is the response's
+            raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
+        results = [t.result() for t in tasks]
         choices, n_gen, n_it = [], 0, 0
         for i, (text, toks, lps, tops, reason, it) in enumerate(results):
             n_gen, n_it = n_gen + len(toks), n_it + it
@@ -312,19 +408,17 @@ class TaHServer:
                 "usage": usage(len(prompt), n_gen, n_it)}
 
     async def _collect(self, prompt: list[int], params, stops: list[str]):
-        text, toks, lps, tops, reason, it = "", [], [], [], None, 0
+        pieces, toks, lps, tops, reason, it = [], [], [], [], None, 0
         async for c in self._tokens(prompt, params, stops):
-            text += c["text"]
+            pieces.append(c["text"])
             toks.append(c["token"])
             lps.append(c["logprob"])
             tops.append(c["top"])
             it += c["depth"] >= 2
             reason = c["finish_reason"]
-        return text, toks, lps, tops, reason, it
+        return "".join(pieces), toks, lps, tops, reason, it
 
     async def _sse(self, gen, first, req, rid: str, created: int, n_prompt: int, chat: bool):
-        import json
-
         obj = "chat.completion.chunk" if chat else "text_completion"
         n, it = 0, 0
 
@@ -357,8 +451,11 @@ class TaHServer:
             yield "data: [DONE]\n\n"
         except StopAsyncIteration:
             yield "data: [DONE]\n\n"
-        except APIError as e:
+        except APIError as e:  # the stream has started (status 200): the error is its last event
             yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception:
+            log.exception("stream failed")
+            yield f"data: {json.dumps(server_error().body())}\n\n"
         finally:
             await gen.aclose()  # client gone mid-stream: aborts the generation, frees the slot
 
@@ -370,13 +467,14 @@ def deployment(cfg: ServeConfig):
     if not (str(cfg.model).startswith("s3://") or Path(cfg.model, "tah_config.json").exists()):
         raise SystemExit(f"no TaH checkpoint at {cfg.model!r}: run `make run` (it trains the tiny default) "
                          f"or pass model=<dir or s3:// prefix>")
+    args = {k: v for k, v in to_dict(cfg).items() if k != "api_key"}  # replicas get its digest only
     return TaHServer.options(
         autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                             "target_ongoing_requests": cfg.target_ongoing_requests},
         max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         user_config={"threshold": cfg.threshold},
-    ).bind(to_dict(cfg))
+    ).bind(args, api_key_digest(cfg.api_key))
 
 
 def app(args: dict[str, str]):

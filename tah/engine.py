@@ -16,6 +16,13 @@ reserved once for max_num_seqs x max_model_len x max_depth and never grows). Eac
 4. samples every row with its own parameters and generator, and frees finished rows at once: the last
    live row moves into the freed slot, so live rows stay leading and the cache's views stay views.
 
+One request's failure never reaches another: parameters are validated in `add_request` (a bad one
+raises RequestError, a ValueError, to its caller and nothing is queued); if something still raises
+inside `step()`, the requests it concerns end with finish_reason "error" (the event carries the
+exception), their slots are freed, and the others go on. A failed per-row step (sampling, logprobs)
+fails that row alone; a failed batched pass fails the rows of that pass (the pass may have half-written
+their K/V), never the waiting requests.
+
 The same engine runs Standard (depth_policy="standard": every token depth 1) and AlwaysThink
 ("always_think": every token at max depth), so comparisons share one code path.
 
@@ -27,6 +34,8 @@ The same engine runs Standard (depth_policy="standard": every token depth 1) and
 from __future__ import annotations
 
 import itertools
+import logging
+import operator
 import random
 import threading
 import time
@@ -36,50 +45,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import TaHForCausalLM
-from .sampling import sample
+from .sampling import RequestError, SamplingParams, sample
 
 DEPTH_POLICIES = ("decider", "standard", "always_think")
-
-
-class RequestError(ValueError):
-    """A request the engine cannot run (the message is meant for the client)."""
-
-
-@dataclass
-class SamplingParams:
-    """Per-request decoding settings (the paper's reasoning defaults)."""
-
-    max_tokens: int | None = None
-    """Tokens to generate at most; None = up to the context window."""
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    """0 = off."""
-    min_p: float = 0.0
-    seed: int | None = None
-    """Same seed, same prompt, same params -> same tokens, whatever else is batched alongside."""
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    """None: none; 0: the chosen token's log-probability; k: also the k most likely tokens'."""
-    threshold: float | None = None
-    """Decider threshold for this request (None: the engine's current one)."""
-
-    def check(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise RequestError(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.threshold is not None and not 0 <= self.threshold <= 1:
-            raise RequestError(f"threshold must be in [0, 1], got {self.threshold}")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,7 +100,9 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     finished: bool = False
     finish_reason: str | None = None
-    """stop (EOS / stop token) | length (max_tokens or context) | abort."""
+    """stop (EOS / stop token) | length (max_tokens or context) | abort | error."""
+    error: BaseException | None = None
+    """With finish_reason "error": what failed (a RequestError: the request's fault; else ours)."""
 
 
 @dataclass
@@ -143,6 +114,8 @@ class RequestOutput:
     stats: RequestStats
     logprobs: list[float] | None = None
     depths: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+    """With finish_reason "error": what failed."""
 
 
 @dataclass
@@ -158,6 +131,8 @@ class _Request:
     finish_reason: str | None = None
     pending: tuple | None = None
     """Mid-iteration: (next depth, top-k values, top-k ids, cumulative logits) of the current token."""
+    stop_ids: frozenset[int] = frozenset()
+    error: BaseException | None = None
 
 
 class Engine:
@@ -177,6 +152,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self._aborts: set[str] = set()
+        self._live: set[str] = set()  # ids waiting or running (a duplicate id would cross two streams)
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.steps = 0
@@ -184,10 +160,17 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        """Queue a request; raises RequestError (with a client-facing message) if it cannot run."""
+        """Queue a request; raises RequestError (a ValueError, with a client-facing message) if it
+        cannot run. Everything about the request is checked here, synchronously, so that a bad one
+        is refused to its caller instead of failing a later batched step."""
         params = params or SamplingParams()
-        params.check()
-        prompt = [int(t) for t in prompt_token_ids]
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.check(self.vocab_size)
+        try:
+            prompt = [operator.index(t) for t in prompt_token_ids]
+        except TypeError:
+            raise RequestError("the prompt must be a list of integer token ids") from None
         n, cap = len(prompt), self.config.max_model_len
         if n == 0:
             raise RequestError("the prompt is empty")
@@ -202,8 +185,12 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = _Request(rid, prompt, params, params.max_tokens or cap - n,
                        torch.Generator(device=self.device).manual_seed(seed),
-                       RequestStats(prompt_tokens=n, arrival=time.perf_counter()))
+                       RequestStats(prompt_tokens=n, arrival=time.perf_counter()),
+                       stop_ids=frozenset(int(t) for t in params.stop_token_ids))
         with self._lock:
+            if rid in self._live:
+                raise RequestError(f"request id {rid!r} is already in use")
+            self._live.add(rid)
             self.waiting.append(req)
         return rid
 
@@ -246,6 +233,7 @@ class Engine:
             for r in self.waiting:
                 if r.rid in aborts:
                     events.append(TokenEvent(r.rid, -1, 0, finished=True, finish_reason="abort"))
+                    self._live.discard(r.rid)
                 else:
                     kept.append(r)
             self.waiting = kept
@@ -265,52 +253,124 @@ class Engine:
                 new.append(self.waiting.popleft())
         return new
 
+    def _fail(self, reqs: list[_Request], error: BaseException, events: list[TokenEvent]) -> None:
+        """End these requests with finish_reason "error" (their slots are freed by the next _free)."""
+        now = time.perf_counter()
+        for r in reqs:
+            if r.finish_reason is None:
+                r.finish_reason, r.error, r.stats.finish_time = "error", error, now
+                events.append(TokenEvent(r.rid, -1, 0, finished=True, finish_reason="error", error=error))
+            with self._lock:
+                self._live.discard(r.rid)
+
+    def _reset(self) -> None:
+        """Forget every running row (after a failure the engine cannot attribute); waiting ones stay."""
+        with self._lock:
+            for r in self.running:
+                self._live.discard(r.rid)
+        self.running = []
+        self.cache.reset_rows(list(range(self.config.max_num_seqs)))
+        self.cache.active = 0
+        self.cache.trim()
+
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
-        """Admit, decode, prefill, sample, free; returns this step's tokens and finishes."""
+        """Admit, decode, prefill, sample, free; returns this step's tokens and finishes (failed
+        requests included: finish_reason "error"). Never raises for a request's sake."""
         events: list[TokenEvent] = []
-        self._process_aborts(events)
-        self._free()
-        new = self._admit()
+        new: list[_Request] = []
+        try:
+            self._process_aborts(events)
+            self._free()
+            new = self._admit()
+            self._step(new, events)
+        except Exception as e:  # outside the per-request guards: end what is in flight, keep the engine usable
+            log.exception("engine step failed: failing the %d requests in flight", len(self.running))
+            running = {id(r) for r in self.running}
+            self._fail([r for r in new if id(r) not in running], e, events)
+            events += self.fail_running(e)
+        return events
+
+    def fail_running(self, error: BaseException) -> list[TokenEvent]:
+        """End every running request with finish_reason "error" and forget its slot (after a failure
+        that cannot be pinned on one request); waiting requests stay queued and run next."""
+        events: list[TokenEvent] = []
+        self._fail(list(self.running), error, events)
+        self._reset()
+        return events
+
+    def _step(self, new: list[_Request], events: list[TokenEvent]) -> None:
+        parts: list[tuple[torch.Tensor, torch.Tensor, list[_Request]]] = []  # (logits, depth, requests)
         old = list(self.running)
-        rows_logits, rows_depth, reqs = [], [], []
-        cache = self.cache
         if old:  # decode: one pass, each running row at its own depth
-            lg, dp, done = self._decode(old)
-            rows_logits.append(lg)
-            rows_depth.append(dp)
-            reqs += done
+            try:
+                parts.append(self._decode(old))
+            except Exception as e:
+                # The pass may have written part of every row's K/V: none of these rows can go on.
+                log.exception("decode pass failed: failing its %d requests", len(old))
+                self._fail(old, e, events)
+                self._free()
         if new:  # prefill the admitted requests into the slots after the running ones
-            slots = list(range(len(old), len(old) + len(new)))
-            cache.reset_rows(slots)
-            self.running += new
-            n_all, T = len(self.running), max(len(r.prompt) for r in new)
-            cache.active = n_all
-            ids = torch.zeros(n_all, T, dtype=torch.long, device=self.device)
-            valid = torch.zeros(n_all, T, dtype=torch.bool, device=self.device)
-            for s, r in zip(slots, new):
-                ids[s, :len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long)
-                valid[s, :len(r.prompt)] = True
-            last = torch.zeros(n_all, dtype=torch.long, device=self.device)
-            last[len(old):] = torch.tensor([len(r.prompt) - 1 for r in new], device=self.device)
-            out = self.model(ids, attention_mask=valid, depths=self._forced((n_all, T)), past_key_values=cache,
-                             threshold=self._thresholds(self.running), return_decider_logits=False, logits_at=last)
-            sl = torch.tensor(slots, device=self.device)
-            rows_logits.append(out.logits[sl])
-            rows_depth.append(out.depths[sl, last[sl]])
-            for s, r in zip(slots, new):
-                d = out.depths[s, :len(r.prompt)]
-                r.stats.prompt_depth_counts = {int(k): int((d == k).sum()) for k in d.unique().tolist()}
-            reqs += new
-        if not reqs:
-            return events
-        logits = torch.cat(rows_logits)  # (n, V)
-        depth = torch.cat(rows_depth).tolist()
-        tokens = self._sample(logits, reqs)
-        want_lp = [r.params.logprobs for r in reqs]
-        logp = torch.log_softmax(logits.float(), dim=-1) if any(k is not None for k in want_lp) else None
+            try:
+                parts.append(self._prefill(new))
+            except Exception as e:
+                # Running rows are not written by a prefill (their queries are masked out): only the
+                # new requests fail; the decoded rows keep their tokens of this step.
+                log.exception("prefill failed: failing its %d requests", len(new))
+                self._fail(new, e, events)
+        reqs = [r for _, _, rs in parts for r in rs]
+        if reqs:
+            self._finish_tokens(torch.cat([lg for lg, _, _ in parts]), torch.cat([d for _, d, _ in parts]).tolist(),
+                                reqs, events)
+        self._free()
+        self.steps += 1
+
+    def _prefill(self, new: list[_Request]) -> tuple[torch.Tensor, torch.Tensor, list[_Request]]:
+        cache, n_old = self.cache, len(self.running)
+        slots = list(range(n_old, n_old + len(new)))
+        cache.reset_rows(slots)
+        self.running += new
+        n_all, T = len(self.running), max(len(r.prompt) for r in new)
+        cache.active = n_all
+        ids = torch.zeros(n_all, T, dtype=torch.long, device=self.device)
+        valid = torch.zeros(n_all, T, dtype=torch.bool, device=self.device)
+        for s, r in zip(slots, new):
+            ids[s, :len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long)
+            valid[s, :len(r.prompt)] = True
+        last = torch.zeros(n_all, dtype=torch.long, device=self.device)
+        last[n_old:] = torch.tensor([len(r.prompt) - 1 for r in new], device=self.device)
+        out = self.model(ids, attention_mask=valid, depths=self._forced((n_all, T)), past_key_values=cache,
+                         threshold=self._thresholds(self.running), return_decider_logits=False, logits_at=last)
+        sl = torch.tensor(slots, device=self.device)
+        for s, r in zip(slots, new):
+            d = out.depths[s, :len(r.prompt)]
+            r.stats.prompt_depth_counts = {int(k): int((d == k).sum()) for k in d.unique().tolist()}
+        return out.logits[sl], out.depths[sl, last[sl]], new
+
+    def _finish_tokens(self, logits: torch.Tensor, depth: list[int], reqs: list[_Request],
+                       events: list[TokenEvent]) -> None:
+        """Sample each row's token, record it, decide whether the row is done; a row whose handling
+        raises fails alone."""
+        tokens = self._sample(logits, reqs)  # (n, V) -> n ids, or the exception of a row that failed
         now = time.perf_counter()
         for i, (r, tok, d) in enumerate(zip(reqs, tokens, depth)):
+            if r.finish_reason is not None:  # failed or aborted meanwhile
+                continue
+            try:
+                if isinstance(tok, BaseException):
+                    raise tok
+                ev = TokenEvent(r.rid, tok, d)
+                k = r.params.logprobs
+                if k is not None:
+                    logp = torch.log_softmax(logits[i].float(), dim=-1)  # (V,)
+                    ev.logprob = float(logp[tok])
+                    if k:
+                        top = logp.topk(k)
+                        ev.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+            except Exception as e:
+                log.exception("request %s failed while sampling", r.rid)
+                self._fail([r], e, events)
+                continue
             r.output.append(tok)
             r.depths.append(d)
             st = r.stats
@@ -318,13 +378,7 @@ class Engine:
             st.depth_counts[d] = st.depth_counts.get(d, 0) + 1
             if st.first_token_time is None:
                 st.first_token_time = now
-            ev = TokenEvent(r.rid, tok, d)
-            if logp is not None and want_lp[i] is not None:
-                ev.logprob = float(logp[i, tok])
-                if want_lp[i]:
-                    top = logp[i].topk(want_lp[i])
-                    ev.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-            if (tok in self.eos and not r.params.ignore_eos) or tok in r.params.stop_token_ids:
+            if (tok in self.eos and not r.params.ignore_eos) or tok in r.stop_ids:
                 r.finish_reason = "stop"
             elif st.generated_tokens >= r.max_tokens or len(r.prompt) + st.generated_tokens >= self.config.max_model_len:
                 r.finish_reason = "length"
@@ -332,9 +386,6 @@ class Engine:
                 ev.finished, ev.finish_reason = True, r.finish_reason
                 st.finish_time = now
             events.append(ev)
-        self._free()
-        self.steps += 1
-        return events
 
     def _decode(self, rows: list[_Request]) -> tuple[torch.Tensor, torch.Tensor, list[_Request]]:
         """One decode pass over the running rows; returns (logits, depth, request) of the rows whose
@@ -368,7 +419,21 @@ class Engine:
         idx = torch.tensor(done, dtype=torch.long, device=dev)
         return cum[idx], depth[idx], [rows[i] for i in done]
 
-    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | BaseException]:
+        try:
+            return self._sample_batch(logits, reqs)
+        except Exception:
+            # One row's parameters broke the batched call (before any row drew from its generator):
+            # sample row by row, so that only that row fails.
+            out: list[int | BaseException] = []
+            for i, r in enumerate(reqs):
+                try:
+                    out.append(self._sample_batch(logits[i:i + 1], [r])[0])
+                except Exception as e:
+                    out.append(e)
+            return out
+
+    def _sample_batch(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
         p = [r.params for r in reqs]
         dev = self.device
         temp = torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev)
@@ -391,6 +456,8 @@ class Engine:
             last = len(self.running) - 1
             if slot != last:
                 self.cache.move_row(last, slot)
+            with self._lock:
+                self._live.discard(self.running[slot].rid)
             self.running[slot] = self.running[last]
             self.running.pop()
         self.cache.active = len(self.running)
@@ -418,7 +485,7 @@ class Engine:
                     logprobs[ev.request_id].append(ev.logprob)
             step += 1
         return [RequestOutput(rid, reqs[rid].prompt, reqs[rid].output, reqs[rid].finish_reason, reqs[rid].stats,
-                              logprobs[rid] or None, reqs[rid].depths) for rid in rids]
+                              logprobs[rid] or None, reqs[rid].depths, reqs[rid].error) for rid in rids]
 
 
 def _demo() -> None:

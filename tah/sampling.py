@@ -3,13 +3,110 @@
 Per-row parameters (tensors of shape (B,)) so that one batch can mix requests: temperature
 (0 = greedy), top-k (0 = off), top-p (1 = off), min-p (0 = off), and a per-row torch.Generator for
 reproducible seeds. The paper's reasoning defaults are temperature 0.6, top-p 0.95, top-k 20.
+`SamplingParams` holds one request's settings and checks them (`check()`: a RequestError, a
+ValueError, for any value that would otherwise fail inside a batched step).
 
     python -c "import torch; from tah.sampling import sample; print(sample(torch.randn(2, 10), temperature=0.0))"
 """
 
 from __future__ import annotations
 
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
+
+MAX_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""What torch.Generator.manual_seed accepts: a 64-bit value, signed or unsigned."""
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run (the message is meant for the client)."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (the paper's reasoning defaults)."""
+
+    max_tokens: int | None = None
+    """Tokens to generate at most; None = up to the context window."""
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    """0 = off."""
+    min_p: float = 0.0
+    seed: int | None = None
+    """Same seed, same prompt, same params -> same tokens, whatever else is batched alongside."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """None: none; 0: the chosen token's log-probability; k: also the k most likely tokens'."""
+    threshold: float | None = None
+    """Decider threshold for this request (None: the engine's current one)."""
+
+    def check(self, vocab_size: int | None = None) -> None:
+        """Raise RequestError (a ValueError) unless every field has the right type and range.
+
+        Everything here would otherwise fail later inside a batched step (a top_k that overflows int64,
+        a seed torch rejects, a NaN temperature), where the error could not be pinned on one request."""
+        if self.max_tokens is not None and (_int(self.max_tokens) is None or self.max_tokens < 1):
+            raise RequestError(f"max_tokens must be an integer >= 1, got {_show(self.max_tokens)}")
+        if _real(self.temperature) is None or self.temperature < 0:
+            raise RequestError(f"temperature must be a finite number >= 0, got {_show(self.temperature)}")
+        if _real(self.top_p) is None or not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {_show(self.top_p)}")
+        # A top_k beyond the vocabulary means "no top-k" to the sampler; beyond int64 it cannot be a tensor.
+        if _int(self.top_k) is None or not 0 <= self.top_k < 2**63:
+            raise RequestError(f"top_k must be an integer in [0, 2**63) (0 = off), got {_show(self.top_k)}")
+        if _real(self.min_p) is None or not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must be in [0, 1], got {_show(self.min_p)}")
+        if self.seed is not None and (_int(self.seed) is None or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise RequestError(f"seed must be an integer in [-2**63, 2**64 - 1], got {_show(self.seed)}")
+        if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
+            raise RequestError(f"stop_token_ids must be a list of token ids, got {type(self.stop_token_ids).__name__}")
+        id_max = vocab_size if vocab_size is not None else 2**63
+        if any(_int(t) is None or not 0 <= t < id_max for t in self.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be token ids in [0, {id_max})")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be a bool, got {_show(self.ignore_eos)}")
+        lp_max = min(MAX_LOGPROBS, vocab_size) if vocab_size is not None else MAX_LOGPROBS
+        if self.logprobs is not None and (_int(self.logprobs) is None or not 0 <= self.logprobs <= lp_max):
+            raise RequestError(f"logprobs must be an integer in [0, {lp_max}], got {_show(self.logprobs)}")
+        if self.threshold is not None and (_real(self.threshold) is None or not 0 <= self.threshold <= 1):
+            raise RequestError(f"threshold must be in [0, 1], got {_show(self.threshold)}")
+
+
+def _show(x: Any) -> str:
+    """A short repr for an error message (a client may send a 4000-digit number)."""
+    try:
+        r = repr(x)
+    except ValueError:  # an int too long to print
+        return "a very large number"
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _int(x: Any) -> int | None:
+    """x as a plain int if it is an integer (numpy / torch integer scalars too, not bool), else None."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _real(x: Any) -> float | None:
+    """x as a float if it is a finite real number (not bool), else None."""
+    if isinstance(x, bool) or _int(x) is None and not isinstance(x, float):
+        return None
+    try:
+        f = float(x)
+    except OverflowError:  # an int beyond float range
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _as_rows(value: float | int | torch.Tensor, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

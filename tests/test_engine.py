@@ -8,7 +8,7 @@ import torch
 
 from tah.engine import Engine, EngineConfig, RequestError, SamplingParams
 
-from .test_model import make
+from .helpers import make
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 
@@ -146,3 +146,127 @@ def test_kv_memory_is_reserved_once():
     before = eng.cache.nbytes()
     eng.generate(_prompts(6, seed=7), SamplingParams(max_tokens=20, temperature=0), arrivals=[0, 1, 2, 3, 4, 5])
     assert eng.cache.nbytes() == before and eng.cache.grow_events == 0
+
+
+def _drain(eng: Engine, events: dict[str, list] | None = None, max_steps: int = 500) -> dict[str, list]:
+    """Step until idle; every event, by request id."""
+    events = {} if events is None else events
+    for _ in range(max_steps):
+        if not eng.has_work():
+            return events
+        for ev in eng.step():
+            events.setdefault(ev.request_id, []).append(ev)
+    raise AssertionError("the engine did not go idle")
+
+
+def _tokens(evs: list) -> list[int]:
+    return [e.token_id for e in evs if e.token_id >= 0]
+
+
+BAD_PARAMS = [
+    dict(top_k=2**64), dict(top_k=-1), dict(top_k=1.5), dict(seed=2**70), dict(seed=-(2**63) - 1), dict(seed="7"),
+    dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=-0.1), dict(top_p=0.0),
+    dict(top_p=float("nan")), dict(min_p=2.0), dict(stop_token_ids=[-1]), dict(stop_token_ids=[10**9]),
+    dict(stop_token_ids="12"), dict(stop_token_ids=[1.0]), dict(logprobs=21), dict(logprobs=-1), dict(threshold=1.5),
+    dict(max_tokens=0), dict(max_tokens=True), dict(ignore_eos="no"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_PARAMS, ids=[str(b) for b in BAD_PARAMS])
+def test_bad_params_raise_at_add_request(bad):
+    """Each bad field is a ValueError (RequestError) from add_request itself, and nothing is queued:
+    the top_k = 2**64 that used to overflow inside a batched step never gets that far."""
+    model, _ = make(max_depth=2)
+    eng = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=32))
+    with pytest.raises(ValueError):
+        eng.add_request([5, 6, 7], SamplingParams(**{"max_tokens": 4, **bad}))
+    assert not eng.has_work()
+
+
+def test_bad_prompts_and_ids_raise_at_add_request():
+    model, _ = make(max_depth=2)
+    eng = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=32))
+    for prompt in ([], [1.5, 2.0], ["7"], [-1], [eng.vocab_size], [2**70]):
+        with pytest.raises(RequestError):
+            eng.add_request(prompt, SamplingParams(max_tokens=2))
+    eng.add_request([5, 6], SamplingParams(max_tokens=2), "same")
+    with pytest.raises(RequestError, match="already in use"):
+        eng.add_request([5, 6], SamplingParams(max_tokens=2), "same")
+    assert eng.num_waiting == 1
+    _drain(eng)
+    eng.add_request([5, 6], SamplingParams(max_tokens=2), "same")  # free again once finished
+    assert _tokens(_drain(eng)["same"]) and not eng.has_work()
+
+
+def test_a_request_failing_mid_step_fails_alone():
+    """Parameters that slip past validation (set after add_request, as a bug would) break the batched
+    sampler and the logprobs of one row each: those two requests end with "error"; the others get
+    exactly the tokens they get alone, and the engine serves on."""
+    model, thr = _model_with_mixed_depths()
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=48, threshold=thr, chunk=8)
+    prompts = _prompts(5, seed=8)
+    params = [SamplingParams(max_tokens=8, temperature=0.8, top_k=40, seed=10 + i, logprobs=0) for i in range(5)]
+    eng = Engine(model, cfg)
+    rids = [eng.add_request(p, sp, f"r{i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+    eng.waiting[1].params.top_k = 2**64  # torch cannot make a tensor of it
+    eng.waiting[3].params.logprobs = 10**6  # topk beyond the vocabulary
+    events = _drain(eng)
+    for i in (1, 3):
+        last = events[rids[i]][-1]
+        assert last.finish_reason == "error" and last.error is not None
+    for i in (0, 2, 4):
+        alone = Engine(model, cfg).generate([prompts[i]], params[i])[0]
+        assert _tokens(events[rids[i]]) == alone.token_ids and events[rids[i]][-1].finish_reason == "length"
+    assert eng.num_running == 0 and eng.cache.active == 0 and not eng._live
+    again = eng.generate([prompts[0]], params[0])[0]
+    assert again.token_ids == _tokens(events[rids[0]])
+
+
+def test_a_failed_pass_fails_its_rows_and_the_engine_goes_on(monkeypatch):
+    """A decode pass that raises fails the rows it ran (their K/V may be half written), not the waiting
+    requests; a prefill that raises fails only the requests it admitted (running rows are not written
+    by it). Everything after gets the tokens it gets alone."""
+    model, thr = _model_with_mixed_depths()
+    cfg = EngineConfig(max_num_seqs=2, max_model_len=48, threshold=thr, chunk=8)
+    prompts = _prompts(4, seed=9)
+    sp = SamplingParams(max_tokens=6, temperature=0.0)
+    alone = [Engine(model, cfg).generate([p], sp)[0].token_ids for p in prompts]
+
+    eng = Engine(model, cfg)
+    real_decode = model.decode_step
+    calls = {"n": 0}
+
+    def flaky_decode(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected decode failure")
+        return real_decode(*a, **k)
+
+    monkeypatch.setattr(model, "decode_step", flaky_decode)
+    for i in range(4):  # two run, two wait for their slots
+        eng.add_request(prompts[i], sp, f"d{i}")
+    events = _drain(eng)
+    assert [events[f"d{i}"][-1].finish_reason for i in range(4)] == ["error", "error", "length", "length"]
+    assert [_tokens(events[f"d{i}"]) for i in (2, 3)] == alone[2:]
+    monkeypatch.setattr(model, "decode_step", real_decode)
+
+    eng = Engine(model, cfg)
+    eng.add_request(prompts[0], sp, "running")
+    events = {}
+    for ev in eng.step():  # prompt 0 is prefilled and decoding
+        events.setdefault(ev.request_id, []).append(ev)
+    real_forward = model.forward
+
+    def failing_forward(*a, **k):
+        raise RuntimeError("injected prefill failure")
+
+    monkeypatch.setattr(model, "forward", failing_forward)
+    eng.add_request(prompts[1], sp, "admitted")
+    for ev in eng.step():
+        events.setdefault(ev.request_id, []).append(ev)
+    monkeypatch.setattr(model, "forward", real_forward)
+    eng.add_request(prompts[2], sp, "later")
+    _drain(eng, events)
+    assert events["admitted"][-1].finish_reason == "error"
+    assert _tokens(events["running"]) == alone[0] and _tokens(events["later"]) == alone[2]
+    assert eng.num_running == 0 and eng.cache.active == 0

@@ -1,4 +1,10 @@
-"""The Ray Serve endpoint over real HTTP on 127.0.0.1, driven by the official `openai` client."""
+"""The Ray Serve endpoint over real HTTP on 127.0.0.1, driven by the official `openai` client: the
+API, malformed and hostile requests (each a 4xx in OpenAI's shape, none disturbing the streams that
+run meanwhile), disconnects, live reconfiguration. The server wants an API key and caps the depth a
+request may buy (min_request_threshold) and its body size.
+
+    .venv/bin/python -m pytest -q tests/test_serve.py
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,18 @@ import pytest
 import torch
 
 from tah import TaHConfig, TaHForCausalLM
-from tah.data.labeling import load_tokenizer
+from tah.assets import shipped_tokenizer
 from tah.engine import Engine, EngineConfig, SamplingParams
 from tah.testing import randomize_lora, tiny_qwen3
+from tah.tokenizer import load_tokenizer
 
 from .conftest import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = str(ROOT / "data/tinytask/tokenizer")
+TOKENIZER = shipped_tokenizer()
+KEY = "test-key-0123456789"
+MAX_BODY = 2**20
+MIN_THRESHOLD = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +49,8 @@ def server(tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(model=str(ckpt), max_num_seqs=4, max_model_len=4096, max_ongoing_requests=16,
-                      max_queued_requests=32)
+                      max_queued_requests=32, api_key=KEY, min_request_threshold=MIN_THRESHOLD,
+                      max_request_bytes=MAX_BODY)
     serve.run(deployment(cfg), name="tah", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "ckpt": str(ckpt), "cfg": cfg, "tok": tok}
     serve.shutdown()
@@ -49,7 +60,7 @@ def server(tmp_path_factory):
 def _client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def _engine_reference(server, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> list[int]:
@@ -128,9 +139,11 @@ def test_sampling_knobs_seed_and_stop(server):
     assert [ch.index for ch in n3.choices] == [0, 1, 2]
 
 
-def _post(server, path: str, body: bytes | str, content_type: str = "application/json") -> tuple[int, dict]:
-    data = body.encode() if isinstance(body, str) else body
-    req = urllib.request.Request(server["url"] + path, data=data, headers={"content-type": content_type})
+def _post(server, path: str, body: bytes | str, content_type: str = "application/json",
+          auth: str | None = f"Bearer {KEY}") -> tuple[int, dict]:
+    data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    headers = {"content-type": content_type} | ({"authorization": auth} if auth else {})
+    req = urllib.request.Request(server["url"] + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read() or b"{}")
@@ -200,7 +213,8 @@ def test_client_disconnect_frees_the_slot(server):
     conn = http.client.HTTPConnection("127.0.0.1", int(server["url"].rsplit(":", 1)[1]), timeout=30)
     body = json.dumps({"model": "tah", "prompt": "Tell me everything.", "max_tokens": 4000, "stream": True,
                        "ignore_eos": True})
-    conn.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
+    conn.request("POST", "/v1/completions", body=body,
+                 headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"})
     resp = conn.getresponse()
     assert resp.status == 200
     resp.read(200)  # a few chunks arrived: the generation is running
@@ -245,3 +259,142 @@ def test_app_builder_parses_arguments(server, tmp_path):
         app({"model": str(tmp_path / "missing")})
     with pytest.raises(Exception, match="max_num_seqs"):
         app({"model": server["ckpt"], "max_num_seqs": "many"})
+
+
+def _body(**fields) -> str:
+    return json.dumps({"model": "tah", "prompt": "hi", "max_tokens": 4, **fields})
+
+
+def _chat(messages: list[dict], **fields) -> str:
+    return json.dumps({"model": "tah", "messages": messages, "max_tokens": 4, **fields})
+
+
+HI = [{"role": "user", "content": "hi"}]
+C, CH = "/v1/completions", "/v1/chat/completions"
+# (path, body, status, auth): each field's bound, bodies no parser should choke on, the size cap, keys.
+HOSTILE = [
+    (C, _body(top_k=2**64), 400, None), (C, _body(top_k=10**6), 400, None), (C, _body(seed=2**70), 400, None),
+    (C, _body(seed=-(2**63) - 1), 400, None), (C, _body(stop_token_ids=[-1]), 400, None),
+    (C, _body(stop_token_ids=[10**12]), 400, None), (C, _body(stop_token_ids=list(range(1000))), 400, None),
+    (C, _body(stop=["x"] * 1000), 400, None), (C, _body(stop="x" * 10_000), 400, None),
+    (C, _body(user="u" * 100_000), 400, None), (C, _body(model="m" * 10_000), 400, None),
+    (C, _body(max_tokens=2**64), 400, None), (C, _body(logprobs=10**6), 400, None),
+    (C, _body(threshold=MIN_THRESHOLD / 3), 400, None), (C, _body(threshold=0.0), 400, None),
+    (C, _body(prompt="a" * 200_000), 400, None), (C, _body(prompt=[5] * 5000), 400, None),
+    (CH, _chat([{"role": "user", "content": ""}] * 10_000), 400, None),
+    (CH, _chat([{"role": "user", "content": "hi", "name": "n" * 10_000}]), 400, None),
+    (CH, _chat(HI, threshold=0.01), 400, None),
+    (C, "[" * 100_000, 400, None), (C, "{" * 100_000, 400, None),
+    (C, '{"model": "tah", "prompt": "hi", "x": ' + "[" * 50 + "]" * 50 + "}", 400, None),
+    (C, '{"model": "tah", "prompt": "\\ud800"}', 400, None), (C, '{"model": "tah", "prompt": "a\\udfffb"}', 400, None),
+    (CH, '{"model": "tah", "messages": [{"role": "user", "content": "\\udc00"}]}', 400, None),
+    (C, b'{"model": "tah", "prompt": "\xed\xa0\x80"}', 400, None),  # a surrogate, UTF-8 encoded
+    (C, b'{"model": "tah", "prompt": "\xc3\x28"}', 400, None),  # invalid UTF-8
+    (C, '{"model": "tah", "prompt": "hi", "temperature": NaN}', 400, None),
+    (C, '{"model": "tah", "prompt": "hi", "top_p": Infinity}', 400, None),
+    (C, '{"model": "tah", "prompt": "hi", "seed": ' + "9" * 5000 + "}", 400, None),
+    (C, "[1, 2]", 400, None), (C, '"just a string"', 400, None),
+    (C, _body(prompt="a" * (MAX_BODY + 10)), 413, None),
+    (C, _body(), 401, ""), (C, _body(), 401, "Bearer wrong-key"), (C, _body(), 401, f"Basic {KEY}"),
+    (C, _body(), 401, f"Bearer {KEY}x"), (CH, _chat(HI), 401, ""),
+]
+
+
+def _send_hostile(server) -> None:
+    for path, body, want, auth in HOSTILE:
+        status, resp = _post(server, path, body, auth=f"Bearer {KEY}" if auth is None else auth)
+        assert status == want, (path, str(body)[:100], status, resp)
+        err = resp.get("error")
+        assert isinstance(err, dict) and set(err) == {"message", "type", "param", "code"} and err["message"], resp
+        assert len(json.dumps(resp)) < 2000  # nothing of the hostile input is echoed back at length
+
+
+def test_hostile_requests_are_4xx_in_openai_shape(server):
+    assert len(HOSTILE) >= 35
+    _send_hostile(server)
+    # The same cap without a Content-Length: counted while the chunked body streams in.
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", int(server["url"].rsplit(":", 1)[1]), timeout=60)
+    chunks = (b"x" * 65536 for _ in range(MAX_BODY // 65536 + 2))
+    conn.request("POST", C, body=chunks, encode_chunked=True,
+                 headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
+    conn.close()
+    # What is allowed next to those bounds is served.
+    ok = _post(server, C, _body(threshold=MIN_THRESHOLD, top_k=len(server["tok"]), seed=2**63 - 1,
+                                stop_token_ids=[3, 4], stop=["zz"] * 4))
+    assert ok[0] == 200, ok
+
+
+def test_keys_health_and_models(server):
+    assert urllib.request.urlopen(server["url"] + "/health", timeout=10).status == 200  # no key needed
+    assert urllib.request.urlopen(server["url"] + "/metrics", timeout=10).status == 200
+    try:
+        urllib.request.urlopen(server["url"] + "/v1/models", timeout=10)
+        raise AssertionError("/v1/models answered without a key")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401 and json.loads(e.read())["error"]["code"] == "invalid_api_key"
+    req = urllib.request.Request(server["url"] + "/v1/models", headers={"authorization": f"Bearer {KEY}"})
+    models = urllib.request.urlopen(req, timeout=10).read().decode()
+    assert '"tah"' in models and server["ckpt"] not in models and "/" not in json.loads(models)["data"][0]["id"]
+    assert "root" not in json.loads(models)["data"][0]
+
+
+def test_hostile_requests_do_not_disturb_running_streams(server):
+    """Greedy streams are started; for as long as they run, the hostile requests are sent over and over
+    (another thread), plus a stream that a stop string ends early and one whose client goes away.
+    The streams finish with exactly the text each gets alone, and the server serves on with no slot
+    left taken."""
+    import threading
+
+    client = _client(server)
+    prompts = ["Count: 1 2 3", "Compute (12 + 30) * 2.", "What is 7 * 6?"]
+    kw = dict(model="tah", max_tokens=150, temperature=0, extra_body={"ignore_eos": True})
+
+    def run(prompt: str, started: threading.Event | None = None) -> tuple[str, str]:
+        text, reason = [], None
+        for c in client.completions.create(prompt=prompt, stream=True, **kw):
+            if started is not None:
+                started.set()
+            text.append(c.choices[0].text)
+            reason = c.choices[0].finish_reason or reason
+        return "".join(text), reason
+
+    alone = [run(p) for p in prompts]
+    assert all(r == "length" for _, r in alone)
+    results: dict[int, tuple[str, str]] = {}
+    started = [threading.Event() for _ in prompts]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(prompts[i], started[i])))
+               for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    assert all(e.wait(60) for e in started)
+    passes, errors = [], []
+
+    def hostile() -> None:
+        try:
+            while not passes or any(t.is_alive() for t in threads):
+                _send_hostile(server)
+                passes.append(any(t.is_alive() for t in threads))  # whether streams ran throughout
+        except BaseException as e:  # noqa: BLE001 - reported by the test's thread below
+            errors.append(e)
+
+    attacker = threading.Thread(target=hostile)
+    attacker.start()
+    stop_at = alone[1][0][5:8]
+    cut = client.completions.create(prompt=prompts[1], stop=[stop_at], **kw)
+    assert cut.choices[0].text == alone[1][0][:alone[1][0].index(stop_at)] and cut.choices[0].finish_reason == "stop"
+    with client.completions.create(prompt=prompts[0], stream=True, **kw) as dropped:
+        next(iter(dropped))  # one chunk, then the client leaves
+    for t in threads + [attacker]:
+        t.join(120)
+    assert not errors, errors[0]
+    assert passes[0], "the streams ended before the first round of hostile requests did"
+    assert [results[i] for i in range(len(prompts))] == alone
+    assert run(prompts[2]) == alone[2]
+    deadline = time.time() + 20
+    while time.time() < deadline and _metric(server, "tah_num_requests_running") > 0:
+        time.sleep(0.1)
+    assert _metric(server, "tah_num_requests_running") == 0 and _metric(server, "tah_num_requests_waiting") == 0
