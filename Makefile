@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) jobs/train.py
+	$(PY) jobs/experiment.py
 
 demo: $(STAMP)
 	$(PY) -m tah.demo

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import measure, run_timed_and_measured  # noqa: E402
+from common import measure, run_timed_and_measured
 
 
 def make_calls(T: int, hard: float, heads: int, kv_heads: int, dim: int, backend: str, grad: bool, dev: str):

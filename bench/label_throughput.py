@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from jobs.common import init_ray  # (before ray: keeps it on 127.0.0.1)
+import numpy as np
+import ray
+import torch
 
-from jobs.common import init_ray  # noqa: E402  (before ray: keeps it on 127.0.0.1)
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-
-from tah.data.chat import tokenize_chat  # noqa: E402
-from tah.data.labeling import ReferenceLabeler, load_tokenizer  # noqa: E402
-from tah.data.openr1 import iter_samples  # noqa: E402
-from tah.testing import tiny_qwen3  # noqa: E402
+from tah.assets import shipped_task, shipped_tokenizer
+from tah.data.labeling import ReferenceLabeler
+from tah.data.openr1 import iter_samples
+from tah.testing import tiny_qwen3
+from tah.tokenizer import load_tokenizer, tokenize_chat
 
 
 class ForwardOnly(ReferenceLabeler):
@@ -48,8 +44,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    tok = load_tokenizer(str(ROOT / "data/tinytask/tokenizer"))
-    samples = [s for _, s in zip(range(args.samples), iter_samples(str(ROOT / "data/tinytask")))]
+    tok = load_tokenizer(shipped_tokenizer())
+    samples = [s for _, s in zip(range(args.samples), iter_samples(shipped_task()))]
     seqs = [tokenize_chat(tok, s.messages) for s in samples]
     batches = []
     for i in range(0, len(seqs), args.batch_size):

@@ -22,14 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tah.eval.sandbox import SandboxLimits, run_tests  # noqa: E402
+from tah.assets import shipped_task
+from tah.eval.sandbox import SandboxLimits, run_tests
 
 
 def items(n: int) -> list[tuple[str, list[str]]]:
-    rows = [json.loads(line) for line in (ROOT / "data/tinytask/code/test-00000-of-00001.jsonl").open()]
+    rows = [json.loads(line) for line in (Path(shipped_task()) / "code/test-00000-of-00001.jsonl").open()]
     return [(r["answer"], r["tests"]) for r in rows[:n]]
 
 
@@ -69,7 +67,7 @@ def main() -> None:
     base = res["unisolated subprocess (before)"]
     print(f"\ncode grading, {len(work)} tinytask items x {args.rounds} rounds (median s/item)   "
           f"`python bench/sandbox.py --items {args.items} --rounds {args.rounds}`")
-    print(f"| path | s / item | ÷ before |\n|---|---|---|")
+    print("| path | s / item | ÷ before |\n|---|---|---|")
     for name, sec in res.items():
         print(f"| {name} | {sec:.3f} | {sec / base:.2f} |")
 

@@ -16,26 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from jobs.common import init_ray  # noqa: E402  (before ray: keeps it on 127.0.0.1)
+from jobs.common import init_ray  # (before ray: keeps it on 127.0.0.1)
+from tah.assets import shipped_task, shipped_tokenizer
 
 
 def label_tok_s(reference: str, out: Path, actors: int, samples: int, actor_cpus: float) -> float:
     from jobs.label import run
-    from tah.config import LabelConfig
+    from jobs.label import LabelConfig
 
     t0 = time.perf_counter()
-    run(LabelConfig(reference_model=reference, source=str(ROOT / "data/tinytask"),
-                    tokenizer=str(ROOT / "data/tinytask/tokenizer"), output=str(out), samples_per_domain=samples,
+    run(LabelConfig(reference_model=reference, source=shipped_task(),
+                    tokenizer=shipped_tokenizer(), output=str(out), samples_per_domain=samples,
                     num_shards=4, shards_per_wave=4, num_actors=actors, actor_cpus=actor_cpus, batch_size=16,
                     validation_fraction=0.1))
     seconds = time.perf_counter() - t0
@@ -44,13 +41,14 @@ def label_tok_s(reference: str, out: Path, actors: int, samples: int, actor_cpus
 
 def train_tok_s(base: str, labels: str, storage: Path, workers: int, steps: int) -> float:
     """Aggregate tokens/s over all workers at the last step (the loop's own counter, warm-up included)."""
-    from jobs.train import run
-    from tah.config import TaHConfig, TrainConfig
+    from jobs.train import TrainConfig, run
+    from tah.config import from_dict
 
-    cfg = TrainConfig(method="standard", base_model=base, labels=labels, storage_path=str(storage),
-                      name=f"w{workers}", num_workers=workers, global_batch=8, micro_batch=8 // workers,
-                      max_steps=steps, eval_every=steps, checkpoint_every=steps, max_length=1024,
-                      model=TaHConfig(max_depth=1))
+    cfg = from_dict(TrainConfig, {"method": "standard", "base_model": base, "labels": labels,
+                                  "storage_path": str(storage), "name": f"w{workers}", "num_workers": workers,
+                                  "global_batch": 8, "micro_batch": 8 // workers, "max_steps": steps,
+                                  "eval_every": steps, "checkpoint_every": steps, "max_length": 1024,
+                                  "model": {"max_depth": 1}})
     run(cfg)
     last = (storage / f"w{workers}" / "tensorboard" / "standard" / "metrics.jsonl").read_text().splitlines()[-1]
     return json.loads(last)["tokens_per_s"] * workers
@@ -60,10 +58,11 @@ def serve_tok_s(ckpt: str, replicas: int, clients: int, requests: int, max_token
     from ray import serve
 
     from serve.tah import ServeConfig, deployment
+    from tah.engine import EngineConfig
 
-    cfg = ServeConfig(model=ckpt, tokenizer=str(ROOT / "data/tinytask/tokenizer"), max_num_seqs=clients,
-                      max_model_len=64 + max_tokens, min_replicas=replicas, max_replicas=replicas,
-                      max_ongoing_requests=clients, num_cpus=1)
+    cfg = ServeConfig(model=ckpt, tokenizer=shipped_tokenizer(),
+                      engine=EngineConfig(max_num_seqs=clients, max_model_len=64 + max_tokens),
+                      min_replicas=replicas, max_replicas=replicas, max_ongoing_requests=clients, num_cpus=1)
     port = 18100 + os.getpid() % 500 + replicas
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deployment(cfg), name="tah", route_prefix="/")
@@ -99,11 +98,11 @@ def main() -> None:
     import torch
 
     from tah import TaHConfig, TaHForCausalLM
-    from tah.data.labeling import load_tokenizer
+    from tah.tokenizer import load_tokenizer
     from tah.testing import tiny_qwen3
 
     tmp = Path(tempfile.mkdtemp(prefix="tah-scale-"))
-    tok = load_tokenizer(str(ROOT / "data/tinytask/tokenizer"))
+    tok = load_tokenizer(shipped_tokenizer())
     h = args.hidden
     base = tiny_qwen3(vocab_size=len(tok), hidden_size=h, num_layers=args.layers, num_heads=8, num_kv_heads=4,
                       head_dim=h // 8, intermediate_size=3 * h, initializer_range=0.02)

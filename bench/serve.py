@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tah.assets import shipped_tokenizer
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
@@ -89,23 +89,22 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     ckpt = args.checkpoint
     if ckpt is None:
-        from tah.data.labeling import load_tokenizer
+        from tah.tokenizer import load_tokenizer
 
-        tok = load_tokenizer("data/tinytask/tokenizer")
+        tok = load_tokenizer(shipped_tokenizer())
         torch.manual_seed(0)
         model = TaHForCausalLM.from_backbone(tiny_qwen3(vocab_size=len(tok)), TaHConfig(max_depth=2))
         ckpt = str(Path(tmp.name) / "model")
         model.save_pretrained(ckpt, tokenizer=tok)
     slots = max(args.clients)
-    cfg = ServeConfig(model=ckpt, max_num_seqs=slots, max_model_len=args.prompt_len + args.max_tokens + 8,
-                      max_ongoing_requests=2 * slots, max_queued_requests=4 * slots)
+    engine_cfg = EngineConfig(max_num_seqs=slots, max_model_len=args.prompt_len + args.max_tokens + 8)
+    cfg = ServeConfig(model=ckpt, engine=engine_cfg, max_ongoing_requests=2 * slots, max_queued_requests=4 * slots)
     init_ray()
     port = 18000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deployment(cfg), name="tah", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    engine = Engine(TaHForCausalLM.from_pretrained(ckpt), EngineConfig(max_num_seqs=slots,
-                                                                       max_model_len=cfg.max_model_len))
+    engine = Engine(TaHForCausalLM.from_pretrained(ckpt), engine_cfg)
     prompt = list(range(5, 5 + args.prompt_len))
     http_run(url, 2, 4, prompt, args.max_tokens)  # warm-up
     direct_run(engine, 2, 4, prompt, args.max_tokens)

@@ -1,9 +1,9 @@
 """The paper's whole experiment in one job: SFT reference, oracle labels, TaH / TaH+ / AlwaysThink, evaluation.
 
-    python jobs/train.py                                       # = this, with jobs/configs/tiny.yaml (make run)
-    python jobs/train.py --config jobs/configs/tiny.yaml seed=1 output=runs/tiny-seed1
-    python jobs/experiment.py --config jobs/configs/tiny.yaml train.epochs=1 eval.limit=30
-    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/qwen3-1.7b/tah.yaml \
+    python jobs/experiment.py                                  # the embedded default, jobs/configs/tiny.yaml (make run)
+    python jobs/experiment.py --config jobs/configs/tiny.yaml seed=1 output=runs/tiny-seed1
+    python jobs/experiment.py --config jobs/configs/tiny.yaml train.optim.epochs=1 eval.limit=30
+    ray job submit --working-dir . -- python jobs/experiment.py --config jobs/configs/qwen3-1.7b/tah.yaml \
         output=s3://bucket/tah/qwen3-1.7b reference_model=s3://bucket/sft/qwen3-1.7b
 
 Stages (each skipped when its output is complete, so a re-run resumes):
@@ -28,15 +28,17 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jobs.common import init_ray, parse  # (first: sets Ray's loopback switch before ray is imported)
+from jobs.eval import EvalConfig
+from jobs.label import LabelConfig
+from jobs.train import TrainConfig
+from tah.assets import shipped_base_model, shipped_task, shipped_tokenizer
 
-from jobs.common import init_ray, parse  # noqa: E402
-
-from tah.config import EvalConfig, LabelConfig, TrainConfig  # noqa: E402
+DEFAULT_RECIPE = str(files("jobs").joinpath("configs", "tiny.yaml"))  # the embedded default
 
 METHODS = {  # name -> (TrainConfig.method, prune, eval policy)
     "standard": ("standard", False, "standard"),
@@ -50,9 +52,9 @@ METHODS = {  # name -> (TrainConfig.method, prune, eval policy)
 class ExperimentConfig:
     """A whole experiment: base model + source -> every method trained, evaluated and tabled."""
 
-    base_model: str = "models/tiny-base"
-    source: str = "data/tinytask"
-    tokenizer: str = "data/tinytask/tokenizer"
+    base_model: str = field(default_factory=shipped_base_model)
+    source: str = field(default_factory=shipped_task)
+    tokenizer: str = field(default_factory=shipped_tokenizer)
     output: str = "runs/tiny"
     """Local directory or s3://bucket/prefix."""
     reference_model: str = ""
@@ -199,10 +201,14 @@ def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    cfg = parse(ExperimentConfig, argv, __doc__.split("\n")[0])
-    init_ray()
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse(ExperimentConfig, argv if "--config" in argv else ["--config", DEFAULT_RECIPE, *argv],
+                __doc__.split("\n")[0])
+    init_ray(output=cfg.output)
     return run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from jobs.experiment import main as package_main  # the package's copy (see jobs/train.py)
+
+    package_main()

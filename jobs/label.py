@@ -20,30 +20,81 @@ including one over a changed source, is refused, so labels of two sources or set
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jobs.common import init_ray, parse  # (first: sets Ray's loopback switch before ray is imported)
+import numpy as np
+import ray
+from ray.data import ActorPoolStrategy
+from tqdm import tqdm
 
-from jobs.common import init_ray, parse  # noqa: E402  (first: sets Ray's loopback switch before import)
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-from ray.data import ActorPoolStrategy  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from tah import storage  # noqa: E402
-from tah.config import LabelConfig, to_dict  # noqa: E402
-from tah.data import labeling as L  # noqa: E402
-from tah.data.openr1 import is_hub_id, select_balanced, source_files  # noqa: E402
+from tah import storage
+from tah.assets import shipped_task, shipped_tokenizer
+from tah.config import check_choices, to_dict
+from tah.data import labeling as L
+from tah.data.openr1 import is_hub_id, select_balanced, source_files
 
 CONFIG_NAME = "label_config.json"
 MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class LabelConfig:
+    """jobs/label.py: oracle labels of a Mixture-of-Thoughts-format source with a reference model."""
+
+    reference_model: str = ""
+    """The reference SFT model: local dir, hub id or s3:// checkpoint (plain HF causal LM)."""
+    source: str = field(default_factory=shipped_task)
+    """Hub id (open-r1/Mixture-of-Thoughts), local directory or s3:// prefix (default: the shipped task)."""
+    tokenizer: str = field(default_factory=shipped_tokenizer)
+    """Tokenizer with the chat template (usually the reference model's own)."""
+    output: str = "runs/labels"
+    """Local directory or s3:// prefix for the Parquet shards and manifest.json."""
+    domains: list[str] = field(default_factory=lambda: ["math", "code", "science"])
+    split: str = "train"
+    samples_per_domain: int | None = None
+    """Balanced sampling: this many per domain (seeded), or all."""
+    seed: int = 0
+    max_response_tokens: int = 8192
+    validation_fraction: float = 0.01
+    num_shards: int = 8
+    """Deterministic shards (by hash of the sample id); the unit of exactly-once commit."""
+    shards_per_wave: int = 8
+    """Shards processed (and committed) per pass of the Ray Data pipeline."""
+    num_actors: int = 1
+    """Reference-model actors (one GPU each when use_gpu)."""
+    actor_cpus: float = 1.0
+    """CPUs each reference actor reserves (CPU runs): the actors together must leave at least one CPU
+    for Ray Data's read and tokenize tasks, e.g. 2 actors x 0.5 on a 2-CPU machine."""
+    batch_size: int = 16
+    """Samples per actor call."""
+    use_gpu: bool = False
+    dtype: str = "float32"
+    max_depth: int = 2
+    """Depths written in the `depth` column (CE and entropy are stored for re-binning later)."""
+    metric: Literal["mismatch", "entropy", "ce"] = "mismatch"
+    """mismatch | entropy | ce (the latter two at the mismatch count's hard ratio per sample)."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.num_shards < 1 or self.shards_per_wave < 1 or self.num_actors < 1 or self.batch_size < 1:
+            raise ValueError("num_shards, shards_per_wave, num_actors and batch_size must be >= 1")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError("validation_fraction must be in [0, 1)")
+        if self.max_depth < 1:
+            raise ValueError("max_depth must be >= 1")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the labels; a re-run into the same output must match them."""
+        d = to_dict(self)
+        for k in ("output", "shards_per_wave", "num_actors", "actor_cpus", "batch_size", "use_gpu"):
+            d.pop(k)
+        return d
 
 
 @dataclass
@@ -235,9 +286,11 @@ def build_manifest(cfg: LabelConfig, names: list[str], malformed: Counter, secon
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(LabelConfig, argv, __doc__.split("\n")[0])
-    init_ray()
+    init_ray(output=cfg.output)
     return run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from jobs.label import main as package_main  # the package's copy (see jobs/train.py)
+
+    package_main()

@@ -1,6 +1,6 @@
 """Pretrain the tiny Qwen3-architecture *base* model that the embedded default starts from.
 
-    python jobs/pretrain.py                       # writes models/tiny-base (shipped; ~2 MB of safetensors)
+    python jobs/pretrain.py                       # writes tah/assets/tiny-base (shipped; ~2 MB of safetensors)
     python jobs/pretrain.py steps=3000 hidden_size=192 output=runs/base-big
 
 Plain next-token language modelling on the shipped task's training texts, without the chat template
@@ -16,20 +16,18 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.common import parse  # noqa: E402
+from jobs.common import parse
+from tah.assets import shipped_base_model, shipped_task, shipped_tokenizer
 
 
 @dataclass
 class PretrainConfig:
-    source: str = "data/tinytask"
-    tokenizer: str = "data/tinytask/tokenizer"
-    output: str = "models/tiny-base"
+    source: str = field(default_factory=shipped_task)
+    tokenizer: str = field(default_factory=shipped_tokenizer)
+    output: str = field(default_factory=shipped_base_model)
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -61,7 +59,7 @@ def run(cfg: PretrainConfig, argv: list[str]) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from tah.data.labeling import load_tokenizer
+    from tah.tokenizer import load_tokenizer
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)

@@ -27,16 +27,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.common import absolute_local, init_ray, parse  # noqa: E402  (first: sets Ray's loopback switch before import)
-from tah.config import EvalConfig, TrainConfig  # noqa: E402
+from jobs.common import absolute_local, init_ray, parse  # (first: sets Ray's loopback switch before ray is imported)
+from jobs.eval import EvalConfig, worker_args
+from jobs.train import TrainConfig
 
 KINDS = ("threshold", "train")
 
@@ -102,7 +99,7 @@ def grid(cfg: SweepConfig) -> list[dict[str, Any]]:
     ranks = cfg.lora_ranks or [cfg.train.model.lora.r]
     template_layer = -1 if not cfg.train.prune else (-2 if cfg.train.prune_layer is None else cfg.train.prune_layer)
     layers = cfg.prune_layers or [template_layer]
-    lrs = cfg.lrs or [cfg.train.lr]
+    lrs = cfg.lrs or [cfg.train.optim.lr]
     return [{"lora_r": r, "prune_layer": p, "lr": lr} for r in ranks for p in layers for lr in lrs]
 
 
@@ -119,7 +116,8 @@ def trial_train_config(cfg: SweepConfig, point: dict[str, Any]) -> TrainConfig:
     t = cfg.train
     lora = dataclasses.replace(t.model.lora, r=point["lora_r"], alpha=max(1, t.model.lora.alpha * point["lora_r"] // t.model.lora.r))
     layer = point["prune_layer"]
-    return dataclasses.replace(t, model=dataclasses.replace(t.model, lora=lora), lr=point["lr"], prune=layer != -1,
+    return dataclasses.replace(t, model=dataclasses.replace(t.model, lora=lora),
+                               optim=dataclasses.replace(t.optim, lr=point["lr"]), prune=layer != -1,
                                prune_layer=layer if layer >= 0 else None)
 
 
@@ -129,9 +127,10 @@ def evaluate(checkpoint: str, cfg: SweepConfig, threshold: float | None) -> dict
     from tah.eval.benchmarks import load_benchmark
     from tah.eval.harness import grade, run_local, summarize
 
-    ecfg = dataclasses.replace(cfg.eval, threshold=threshold)
+    ecfg = dataclasses.replace(cfg.eval, engine=dataclasses.replace(cfg.eval.engine, threshold=threshold))
     problems = [p for b in ecfg.benchmarks for p in load_benchmark(b, ecfg.sources.get(b), ecfg.limit)]
-    records = grade(run_local(checkpoint, problems, ecfg), problems, ecfg.grade_workers, ecfg.sandbox)
+    records = grade(run_local(checkpoint, problems, ecfg.batch_size, **worker_args(ecfg)), problems,
+                    ecfg.grade_workers, ecfg.sandbox)
     rows = summarize("trial", records)
     n = sum(r["samples"] for r in rows)
     out = {"accuracy": sum(r["accuracy"] * r["samples"] for r in rows) / n,
@@ -146,12 +145,11 @@ def evaluate(checkpoint: str, cfg: SweepConfig, threshold: float | None) -> dict
 
 def token_metrics(checkpoint: str, labels: str, threshold: float | None, max_rows: int = 32) -> dict[str, float]:
     from tah import TaHForCausalLM
-    from tah.data.labeling import read_labels
+    from tah.data.labeling import read_validation_rows
     from tah.eval.analysis import token_analysis
 
     model = TaHForCausalLM.from_pretrained(checkpoint, **({"threshold": threshold} if threshold is not None else {}))
-    rows = sorted((r for r in read_labels(labels).to_pylist() if r["is_validation"]), key=lambda r: r["sample_id"])
-    res = token_analysis(model, rows[:max_rows], thresholds=())
+    res = token_analysis(model, read_validation_rows(labels)[:max_rows], thresholds=())
     return {"token_acc": res["accuracy"]["decider"], "token_acc_depth1": res["accuracy"]["depth1"],
             "token_acc_oracle": res["accuracy"]["oracle"], "token_pct_iterated": 100 * res["iterated_share"]["decider"],
             "decider_precision": res["decider_vs_oracle"]["precision"],
@@ -336,21 +334,9 @@ def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     if cfg.kind == "threshold":
-        rs = sorted(rows, key=lambda r: r["threshold"])
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        t = [r["threshold"] for r in rs]
-        ax.plot(t, [r.get("accuracy", float("nan")) for r in rs], "o-", color="tab:blue", label="pass@1")
-        if any("token_acc" in r for r in rs):
-            ax.plot(t, [r.get("token_acc", float("nan")) for r in rs], "^:", color="tab:green", label="token acc")
-        ax.set_xlabel("decider threshold")
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=7, loc="lower left")
-        ax2 = ax.twinx()
-        ax2.plot(t, [r.get("pct_iterated", float("nan")) for r in rs], "s--", color="tab:orange")
-        ax2.set_ylabel("% tokens iterated", color="tab:orange")
-        fig.tight_layout()
-        fig.savefig(out / "threshold.png", dpi=120)
-        plt.close(fig)
+        from tah.eval.analysis import plot_threshold
+
+        plot_threshold(rows, out / "threshold.png", accuracy="pass@1", extra={"token_acc": "token acc"})
         return
     for axis, ys, fname in (("lora_r", ("val_loss",), "lora_rank.png"),
                             ("prune_layer", ("ppl_increase", "accuracy"), "pruned_layer.png")):
@@ -415,7 +401,7 @@ def run(cfg: SweepConfig) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cfg = parse(SweepConfig, argv, __doc__.split("\n")[0])
-    init_ray(dashboard=cfg.kind == "train")
+    init_ray(dashboard=cfg.kind == "train", output=cfg.output)
     return run(cfg)
 
 

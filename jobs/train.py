@@ -1,7 +1,6 @@
 """Training on Ray Train + DeepSpeed: Standard, AlwaysThink, TaH (stage 1 then stage 2).
 
-    python jobs/train.py                                       # the whole tiny experiment (jobs/experiment.py)
-    python jobs/train.py --config jobs/configs/train/tiny.yaml method=tah base_model=runs/tiny/base
+    python jobs/train.py --config jobs/configs/train/tiny.yaml method=tah labels=runs/tiny/labels
     ray job submit -- python jobs/train.py --config jobs/configs/train/qwen3-1.7b.yaml storage_path=s3://bucket/runs
 
 Each stage is one TorchTrainer run named `<name>-<stage>` under `storage_path`; re-running the same
@@ -17,17 +16,74 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-from contextlib import nullcontext
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Literal
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.common import absolute_local, init_ray, parse  # noqa: E402  (first: sets Ray's loopback switch before import)
+from jobs.common import absolute_local, init_ray, parse  # (first: sets Ray's loopback switch before import)
+from tah.assets import shipped_base_model
+from tah.config import TaHConfig, check_choices
+from tah.train.loop import OptimConfig
 
 STAGES = {"standard": ["standard"], "always_think": ["stage1"], "tah": ["stage1", "stage2"]}
+Method = Literal["standard", "always_think", "tah"]
+
+
+@dataclass
+class TrainConfig:
+    """jobs/train.py: one training method on oracle-labelled data (Standard, AlwaysThink, TaH, TaH+)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {k: f"optim.{k}" for k in (
+        "lr", "stage2_lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
+        "stage2_epochs", "max_steps", "global_batch", "micro_batch", "max_length", "eval_every",
+        "checkpoint_every", "zero_stage", "bf16")}
+    """The optimizer's flat names of earlier recipes (`lr=3e-5`) still work as overrides."""
+
+    method: Method = "tah"
+    """standard | always_think | tah (stage 1 under oracle depths, then stage 2: the decider)."""
+    prune: bool = False
+    """TaH (one layer pruned first, chosen by the smallest perplexity increase) vs TaH+ (unpruned)."""
+    prune_layer: int | None = None
+    """With prune: remove this decoder layer instead of the one with the smallest perplexity increase."""
+    base_model: str = field(default_factory=shipped_base_model)
+    """The backbone to start from: local dir, hub id or s3:// checkpoint (default: the shipped tiny base)."""
+    labels: str = "runs/tiny/labels"
+    """Output of jobs/label.py (local dir or s3://)."""
+    storage_path: str = "runs/tiny/train"
+    """Ray Train storage (local dir or s3://bucket/prefix): checkpoints and the final model."""
+    name: str = "tah"
+    """Run name; re-running with the same name resumes from its latest checkpoint."""
+    model: TaHConfig = field(default_factory=TaHConfig)
+    """The TaH model (Standard trains it at max_depth 1, AlwaysThink with depth_attention current:
+    see `model_for_method`)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    num_workers: int = 2
+    use_gpu: bool = False
+    seed: int = 0
+    metric: Literal["mismatch", "entropy", "ce"] = "mismatch"
+    """Oracle metric used to derive depths from the stored reference statistics."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.prune_layer is not None and not self.prune:
+            raise ValueError("prune_layer is set but prune is false: set prune=true to remove a layer")
+        if self.num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+        self.optim.grad_accum(self.num_workers)  # global_batch must split over the workers
+
+
+def model_for_method(cfg: TrainConfig) -> TaHConfig:
+    """The model a method trains, derived in the open (the config itself is never rewritten):
+    Standard is the plain backbone (max_depth 1); AlwaysThink attends causally within each depth
+    (paper, appendix A.1)."""
+    if cfg.method == "standard":
+        return dataclasses.replace(cfg.model, max_depth=1)
+    if cfg.method == "always_think":
+        return dataclasses.replace(cfg.model, depth_attention="current")
+    return cfg.model
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -38,7 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import AutoModelForCausalLM
 
     from tah import TaHForCausalLM, storage
-    from tah.config import TrainConfig, from_dict
+    from tah.config import from_dict
     from tah.train.loop import Hooks, run_stage
 
     cfg = from_dict(TrainConfig, config["cfg"])
@@ -50,7 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
         model = TaHForCausalLM.from_pretrained(init_from)
     else:
         backbone = AutoModelForCausalLM.from_pretrained(storage.local_copy(init_from), dtype=torch.float32)
-        model = TaHForCausalLM.from_backbone(backbone, cfg.model)
+        model = TaHForCausalLM.from_backbone(backbone, model_for_method(cfg))
     # This worker's rows, split by the driver (label_splits): a fixed assignment, so a resumed run
     # sees exactly the same batches. Sorted by sample id so the order does not depend on block layout.
     train, val = (sorted(_shard_rows(f"{kind}_{rank}"), key=lambda r: r["sample_id"]) for kind in ("train", "val"))
@@ -62,8 +118,8 @@ def train_loop_per_worker(config: dict) -> None:
     with (ckpt.as_directory() if ckpt else nullcontext(None)) as resume_dir:
         hooks = Hooks(report=report, resume_dir=resume_dir, log_dir=config.get("log_dir"),
                       after_checkpoint=config.get("after_checkpoint"))
-        run_stage(model, stage, train, val, cfg, hooks, rank, world, ray.train.torch.get_device(),
-                  len(train) * world)
+        run_stage(model, stage, cfg.method, train, val, cfg.optim, hooks, rank, world, ray.train.torch.get_device(),
+                  len(train) * world, metric=cfg.metric, seed=cfg.seed)
 
 
 def _shard_rows(name: str) -> list[dict]:
@@ -74,6 +130,39 @@ def _shard_rows(name: str) -> list[dict]:
     for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="pyarrow"):
         rows += batch.to_pylist()
     return rows
+
+
+@contextmanager
+def _progress(metrics_jsonl: Path | None, label: str, every: float = 2.0) -> Iterator[None]:
+    """While a stage trains, print each validation step that rank 0 appends to its metrics file: the
+    workers' own output stays in Ray's logs, and this is the stage's progress view on the console."""
+    if metrics_jsonl is None:
+        yield
+        return
+    stop = threading.Event()
+    seen = sum(1 for _ in open(metrics_jsonl)) if metrics_jsonl.exists() else 0  # a resumed run's earlier lines
+
+    def follow() -> None:
+        nonlocal seen
+        while True:
+            done = stop.wait(every)
+            lines = metrics_jsonl.read_text().splitlines() if metrics_jsonl.exists() else []
+            for line in lines[seen:]:
+                m = json.loads(line)
+                if "val_loss" in m:
+                    print(f"[train] {label} step {m['step']} loss {m['loss']:.4f} val {m['val_loss']:.4f} "
+                          f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s", flush=True)
+            seen = len(lines)
+            if done:
+                return
+
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 def label_splits(labels: str, max_length: int, world: int) -> dict[str, object]:
@@ -114,19 +203,18 @@ def score_layers(base_model: str, labels: str, layers: list[int], n_calib: int, 
     from transformers import AutoModelForCausalLM
 
     from tah import storage
-    from tah.data.labeling import read_labels
+    from tah.data.labeling import read_validation_rows
     from tah.prune import layer_ppl_deltas
 
     model = AutoModelForCausalLM.from_pretrained(storage.local_copy(base_model), dtype=torch.float32).eval()
-    rows = sorted((r for r in read_labels(labels).to_pylist() if r["is_validation"]), key=lambda r: r["sample_id"])
-    rows = [r for r in rows if len(r["input_ids"]) <= max_length][:n_calib]
+    rows = read_validation_rows(labels, max_length)[:n_calib]
     if not rows:
         raise SystemExit(f"no validation samples in {labels} to calibrate pruning on")
     batches = [(torch.tensor([r["input_ids"]]), torch.ones(1, len(r["input_ids"]), dtype=torch.long)) for r in rows]
     return layer_ppl_deltas(model, batches, layers)
 
 
-def prune_base(cfg, n_calib: int = 16) -> str:
+def prune_base(cfg: TrainConfig, n_calib: int = 16) -> str:
     """Score every layer with parallel Ray tasks, remove the cheapest (or cfg.prune_layer); returns the
     pruned base model."""
     import ray
@@ -144,7 +232,7 @@ def prune_base(cfg, n_calib: int = 16) -> str:
     # the trial's placement group, which holds no CPU for them.
     task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(score_layers)
     deltas: dict[int, float] = {}
-    for d in ray.get([task.remote(cfg.base_model, cfg.labels, p, n_calib, cfg.max_length) for p in parts]):
+    for d in ray.get([task.remote(cfg.base_model, cfg.labels, p, n_calib, cfg.optim.max_length) for p in parts]):
         deltas.update(d)
     layer = min(deltas, key=deltas.get) if cfg.prune_layer is None else cfg.prune_layer
     if layer not in deltas:
@@ -162,7 +250,7 @@ def prune_base(cfg, n_calib: int = 16) -> str:
     return out
 
 
-def run(cfg, callbacks: Callable[[str], list] | None = None,
+def run(cfg: TrainConfig, callbacks: Callable[[str], list] | None = None,
         after_checkpoint: Callable[[int], None] | None = None) -> dict[str, str]:
     """Train every stage of cfg.method; returns {stage: path of its final TaH checkpoint}.
 
@@ -195,7 +283,7 @@ def run(cfg, callbacks: Callable[[str], list] | None = None,
         if storage.is_published(final, "tah_config.json"):
             print(f"[train] {stage}: already finished ({final})", flush=True)
         else:
-            datasets = datasets or label_splits(cfg.labels, cfg.max_length, cfg.num_workers)
+            datasets = datasets or label_splits(cfg.labels, cfg.optim.max_length, cfg.num_workers)
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"cfg": to_dict(cfg), "stage": stage, "init_from": init,
@@ -212,7 +300,9 @@ def run(cfg, callbacks: Callable[[str], list] | None = None,
                                      checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
                                                                         checkpoint_score_order="min")),
             )
-            result = trainer.fit()
+            log_dir = None if storage.is_s3(cfg.storage_path) else Path(cfg.storage_path, cfg.name, "tensorboard")
+            with _progress(log_dir and log_dir / stage / "metrics.jsonl", f"{cfg.name}/{stage}"):
+                result = trainer.fit()
             if not result.best_checkpoints:
                 raise RuntimeError(f"{stage} finished without a checkpoint")
             # The stage's model is its best checkpoint by validation loss, not merely the last one.
@@ -228,30 +318,19 @@ def run(cfg, callbacks: Callable[[str], list] | None = None,
     return out
 
 
-def _is_experiment(argv: list[str]) -> bool:
-    """No arguments, or a --config whose recipe lists `methods`: the whole experiment (jobs/experiment.py)."""
-    if not argv:
-        return True
-    if "--config" in argv[:-1]:
-        import yaml
-
-        recipe = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}
-        return isinstance(recipe, dict) and "methods" in recipe
-    return False
-
-
-def main(argv: list[str] | None = None):
-    from tah.config import TrainConfig
-
-    argv = sys.argv[1:] if argv is None else argv
-    if _is_experiment(argv):
-        from jobs.experiment import main as experiment
-
-        return experiment(argv or ["--config", str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")])
+def main(argv: list[str] | None = None) -> dict[str, str]:
     cfg = parse(TrainConfig, argv, __doc__.split("\n")[0])
-    init_ray()
+    model = model_for_method(cfg)
+    if model != cfg.model:
+        print(f"[train] method {cfg.method}: trains model.max_depth={model.max_depth}, "
+              f"model.depth_attention={model.depth_attention}", flush=True)
+    init_ray(output=cfg.storage_path)
     return run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    # Run the package's copy: Ray pickles a __main__ function by value, and the workers' configs would
+    # then resolve their type hints against this script's globals instead of jobs.train's.
+    from jobs.train import main as package_main
+
+    package_main()

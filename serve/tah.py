@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, ClassVar
 
 from serve.security import keep_local_ray_on_loopback
 
@@ -45,6 +45,7 @@ from serve.protocol import (APIError, ChatRequest, CompletionRequest, Detokenize
                             usage)
 from serve.security import (api_key_digest, bind_replica_grpc_to_loopback, check_api_key,  # noqa: E402
                             read_body)
+from tah.engine import EngineConfig  # noqa: E402
 
 log = logging.getLogger("ray.serve")
 DEFAULT_MODEL = "runs/tiny/train/tah/stage2/model"
@@ -54,6 +55,10 @@ DEFAULT_MODEL = "runs/tiny/train/tah/stage2/model"
 class ServeConfig:
     """What `serve run serve.tah:app key=value ...` accepts (or a YAML file given as config=...)."""
 
+    ALIASES: ClassVar[dict[str, str]] = {k: f"engine.{k}" for k in (
+        "max_num_seqs", "max_model_len", "max_prefill_tokens", "depth_policy", "threshold")}
+    """The engine's flat names users type (`serve run serve.tah:app max_num_seqs=8`) still work."""
+
     model: str = DEFAULT_MODEL
     """A TaH checkpoint (jobs/train.py's `<stage>/model`): local directory or s3:// prefix."""
     tokenizer: str | None = None
@@ -62,12 +67,9 @@ class ServeConfig:
     """The id clients send as `model`."""
     device: str = "cpu"
     dtype: str = "auto"
-    max_num_seqs: int = 32
-    max_model_len: int = 2048
-    max_prefill_tokens: int = 4096
-    depth_policy: str = "decider"
-    threshold: float | None = None
-    """Decider threshold (None: the checkpoint's); reconfigurable live through user_config."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Each replica's engine (engine.threshold: the decider's, None = the checkpoint's; reconfigurable
+    live through the deployment's user_config)."""
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 16
@@ -162,8 +164,8 @@ class TaHServer:
 
         from tah import TaHForCausalLM
         from tah.config import from_dict
-        from tah.engine import Engine, EngineConfig
-        from tah.tokenizer import checkpoint_tokenizer, load_tokenizer
+        from tah.engine import Engine
+        from tah.tokenizer import checkpoint_tokenizer, end_token_ids, load_tokenizer
 
         self.cfg = c = from_dict(ServeConfig, cfg)
         self.api_key_sha256 = api_key_sha256
@@ -171,14 +173,9 @@ class TaHServer:
         dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
         self.model = TaHForCausalLM.from_pretrained(c.model, dtype=dtype, device=c.device)
         self.tokenizer = load_tokenizer(checkpoint_tokenizer(c.model, c.tokenizer))
-        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        gen_eos = getattr(getattr(self.model.backbone, "generation_config", None), "eos_token_id", None)
-        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        self.engine = Engine(self.model, EngineConfig(max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len,
-                                                      max_prefill_tokens=c.max_prefill_tokens,
-                                                      depth_policy=c.depth_policy, threshold=c.threshold),
-                             eos_token_ids=sorted(eos))
-        self.limits = Limits(vocab_size=self.engine.vocab_size, max_model_len=c.max_model_len,
+        # the same end tokens as evaluation: the tokenizer's eos and the checkpoint's generation_config
+        self.engine = Engine(self.model, c.engine, eos_token_ids=end_token_ids(self.tokenizer, c.model))
+        self.limits = Limits(vocab_size=self.engine.vocab_size, max_model_len=c.engine.max_model_len,
                              max_token_chars=_longest_token(self.tokenizer),
                              min_request_threshold=c.min_request_threshold)
         # One thread: prompts are tokenized off the event loop, and a fast tokenizer is not used
@@ -190,8 +187,8 @@ class TaHServer:
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="tah-engine", daemon=True)
         self.thread.start()
-        log.info("TaH replica ready: %s on %s, %d slots x %d tokens%s", c.model, c.device, c.max_num_seqs,
-                 c.max_model_len, ", API key required" if api_key_sha256 else "")
+        log.info("TaH replica ready: %s on %s, %d slots x %d tokens%s", c.model, c.device, c.engine.max_num_seqs,
+                 c.engine.max_model_len, ", API key required" if api_key_sha256 else "")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         thr = user_config.get("threshold")
@@ -339,7 +336,7 @@ class TaHServer:
             return _error(e)
         # No `root`: the checkpoint's path or bucket is the operator's business, not the client's.
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": now(),
-                                            "owned_by": "tah", "max_model_len": self.cfg.max_model_len}]}
+                                            "owned_by": "tah", "max_model_len": self.cfg.engine.max_model_len}]}
 
     @fastapi_app.get("/metrics")
     async def prom(self) -> PlainTextResponse:
@@ -473,7 +470,7 @@ def deployment(cfg: ServeConfig):
                             "target_ongoing_requests": cfg.target_ongoing_requests},
         max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        user_config={"threshold": cfg.threshold},
+        user_config={"threshold": cfg.engine.threshold},
     ).bind(args, api_key_digest(cfg.api_key))
 
 

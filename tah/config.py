@@ -1,7 +1,12 @@
-"""Typed configuration for TaH, loaded from YAML recipes with dotted command-line overrides.
+"""The config machinery (YAML recipes, dotted overrides, strict typed dataclasses) and the model's config.
 
-Every config is a dataclass with defaults and is validated on construction. Recipes are YAML files
-whose keys mirror the dataclass fields; `load_config` merges `key.sub=value` overrides on top:
+Every config in the project is a dataclass with defaults and a docstring per field, validated on
+construction; choice fields are `Literal`s, checked here once for all of them. Each component owns
+its config beside its code (`EngineConfig` in tah/engine.py, `SamplingParams` in tah/sampling.py,
+`OptimConfig` in tah/train/loop.py, `SandboxLimits` in tah/eval/sandbox.py) and each job's config
+lives with its job (jobs/*.py, serve/tah.py) and nests them. `load_config` reads a recipe and merges
+`key.sub=value` overrides on top; a config may declare `ALIASES` (flat names users already type,
+e.g. `max_num_seqs` -> `engine.max_num_seqs`) that overrides accept as well:
 
     python -c "from tah.config import TaHConfig, load_config; \
                print(load_config(TaHConfig, None, ['max_depth=3', 'lora.r=8']))"
@@ -17,16 +22,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
-from .eval.sandbox import SandboxLimits
-
 T = TypeVar("T")
 
-ATTN_BACKENDS = ("auto", "reference", "sdpa", "flex", "flash")
-DEPTH_ATTENTION = ("duo_causal", "current", "first")
+AttnBackend = Literal["auto", "reference", "sdpa", "flex", "flash"]
+DepthAttention = Literal["duo_causal", "current", "first"]
+ATTN_BACKENDS = typing.get_args(AttnBackend)
+DEPTH_ATTENTION = typing.get_args(DepthAttention)
 
 
 @dataclass
@@ -82,9 +87,9 @@ class TaHConfig:
     """Depth d >= 2 input = softmax over this many top cumulative logits, weighting embedding rows."""
     threshold: float = 0.9
     """A token continues to the next depth iff the decider's probability > threshold."""
-    attn_backend: str = "auto"
+    attn_backend: AttnBackend = "auto"
     """Duo-causal attention backend: auto | reference | sdpa | flex | flash (see tah/attention.py)."""
-    depth_attention: str = "duo_causal"
+    depth_attention: DepthAttention = "duo_causal"
     """Which depths a query sees: duo_causal (all <= its own), current (AlwaysThink), first."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     decider: DeciderSettings = field(default_factory=DeciderSettings)
@@ -96,12 +101,7 @@ class TaHConfig:
             raise ValueError(f"soft_input_topk must be >= 1, got {self.soft_input_topk}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
-        if self.depth_attention not in DEPTH_ATTENTION:
-            raise ValueError(
-                f"depth_attention must be one of {DEPTH_ATTENTION}, got {self.depth_attention!r}"
-            )
+        check_choices(self)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -119,6 +119,20 @@ class TaHConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_choices(obj: Any) -> None:
+    """Raise a ValueError for any `Literal` field of dataclass `obj` holding a value outside its
+    choices. Called from `__post_init__`, so configs built in Python are checked as recipes are."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        lits = [a for a in arms if typing.get_origin(a) is Literal]
+        value = getattr(obj, f.name)
+        if lits and not any(value in typing.get_args(a) for a in lits) and not (value is None and type(None) in arms):
+            choices = " | ".join(str(c) for a in lits for c in typing.get_args(a))
+            raise ValueError(f"{type(obj).__name__}.{f.name} must be one of {choices}, got {value!r}")
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """A plain (JSON/YAML-safe) dict of a config dataclass, nested dataclasses included."""
     return dataclasses.asdict(obj)
@@ -128,6 +142,11 @@ def _check_type(tp: Any, value: Any, where: str) -> Any:
     """Coerce/validate `value` against the annotation `tp`; raise a ValueError naming the key."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = " | ".join(map(str, typing.get_args(tp)))
+            raise ValueError(f"{where} must be one of {choices}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -155,6 +174,11 @@ def _check_type(tp: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -177,6 +201,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise ValueError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
+    if not prefix:  # a recipe's flat aliases (nested levels are rewritten with the top one)
+        data = _alias_keys(cls, data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -210,182 +236,65 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def _field_type(cls: type, name: str) -> Any:
+    """The dataclass type of field `name` of `cls` (unwrapping `X | None`), or None."""
+    if not dataclasses.is_dataclass(cls) or name not in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    tp = typing.get_type_hints(cls)[name]
+    arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return next((a for a in arms if dataclasses.is_dataclass(a)), None)
+
+
+def alias_path(cls: type, parts: list[str]) -> list[str]:
+    """A dotted key with every flat alias on its way replaced by its home: for an ExperimentConfig,
+    ['train', 'lr'] -> ['train', 'optim', 'lr'] (TrainConfig.ALIASES maps lr -> optim.lr)."""
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        aliases: dict[str, str] = getattr(cls, "ALIASES", {}) if cls is not None else {}
+        if parts[i] in aliases:
+            parts = parts[:i] + aliases[parts[i]].split(".") + parts[i + 1:]
+        out.append(parts[i])
+        cls = _field_type(cls, parts[i]) if cls is not None else None
+        i += 1
+    return out
+
+
+def resolve_aliases(cls: type, overrides: list[str]) -> list[str]:
+    """Rewrite flat override names that a config's `ALIASES` maps to their dotted home
+    (`max_num_seqs=8` -> `engine.max_num_seqs=8`, also nested: `train.lr=...`); others unchanged."""
+    out = []
+    for text in overrides:
+        key, sep, rest = text.partition("=")
+        out.append(".".join(alias_path(cls, key.split("."))) + sep + rest if sep and key else text)
+    return out
+
+
+def _alias_keys(cls: type, data: Any) -> Any:
+    """The same rewrite for a recipe's nested mappings."""
+    if not isinstance(data, dict) or cls is None:
+        return data
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        path = alias_path(cls, [k]) if isinstance(k, str) else [k]
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        sub = cls
+        for part in path:
+            sub = _field_type(sub, part) if sub is not None else None
+        node[path[-1]] = _alias_keys(sub, v) if sub is not None else v
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Load a YAML recipe into `cls` (defaults where absent) and apply dotted overrides."""
+    """Load a YAML recipe into `cls` (defaults where absent) and apply dotted overrides (and the flat
+    names in `cls.ALIASES`)."""
+    overrides = resolve_aliases(cls, overrides or [])
     data: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: a recipe must be a YAML mapping, got {type(loaded).__name__}")
         data = loaded or {}
-    return from_dict(cls, apply_overrides(data, overrides or []))
-
-
-@dataclass
-class LabelConfig:
-    """jobs/label.py: oracle labels of a Mixture-of-Thoughts-format source with a reference model."""
-
-    reference_model: str = ""
-    """The reference SFT model: local dir, hub id or s3:// checkpoint (plain HF causal LM)."""
-    source: str = "data/tinytask"
-    """Hub id (open-r1/Mixture-of-Thoughts), local directory or s3:// prefix."""
-    tokenizer: str = "data/tinytask/tokenizer"
-    """Tokenizer with the chat template (usually the reference model's own)."""
-    output: str = "runs/labels"
-    """Local directory or s3:// prefix for the Parquet shards and manifest.json."""
-    domains: list[str] = field(default_factory=lambda: ["math", "code", "science"])
-    split: str = "train"
-    samples_per_domain: int | None = None
-    """Balanced sampling: this many per domain (seeded), or all."""
-    seed: int = 0
-    max_response_tokens: int = 8192
-    validation_fraction: float = 0.01
-    num_shards: int = 8
-    """Deterministic shards (by hash of the sample id); the unit of exactly-once commit."""
-    shards_per_wave: int = 8
-    """Shards processed (and committed) per pass of the Ray Data pipeline."""
-    num_actors: int = 1
-    """Reference-model actors (one GPU each when use_gpu)."""
-    actor_cpus: float = 1.0
-    """CPUs each reference actor reserves (CPU runs): the actors together must leave at least one CPU
-    for Ray Data's read and tokenize tasks, e.g. 2 actors x 0.5 on a 2-CPU machine."""
-    batch_size: int = 16
-    """Samples per actor call."""
-    use_gpu: bool = False
-    dtype: str = "float32"
-    max_depth: int = 2
-    """Depths written in the `depth` column (CE and entropy are stored for re-binning later)."""
-    metric: str = "mismatch"
-    """mismatch | entropy | ce (the latter two at the mismatch count's hard ratio per sample)."""
-
-    def __post_init__(self) -> None:
-        if self.num_shards < 1 or self.shards_per_wave < 1 or self.num_actors < 1 or self.batch_size < 1:
-            raise ValueError("num_shards, shards_per_wave, num_actors and batch_size must be >= 1")
-        if self.metric not in ("mismatch", "entropy", "ce"):
-            raise ValueError(f"metric must be mismatch | entropy | ce, got {self.metric!r}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError("validation_fraction must be in [0, 1)")
-        if self.max_depth < 1:
-            raise ValueError("max_depth must be >= 1")
-
-    def identity(self) -> dict[str, Any]:
-        """The settings that determine the labels; a re-run into the same output must match them."""
-        d = to_dict(self)
-        for k in ("output", "shards_per_wave", "num_actors", "actor_cpus", "batch_size", "use_gpu"):
-            d.pop(k)
-        return d
-
-
-@dataclass
-class TrainConfig:
-    """jobs/train.py: one training method on oracle-labelled data (Standard, AlwaysThink, TaH, TaH+)."""
-
-    method: str = "tah"
-    """standard | always_think | tah (stage 1 under oracle depths, then stage 2: the decider)."""
-    prune: bool = False
-    """TaH (one layer pruned first, chosen by the smallest perplexity increase) vs TaH+ (unpruned)."""
-    prune_layer: int | None = None
-    """With prune: remove this decoder layer instead of the one with the smallest perplexity increase."""
-    base_model: str = ""
-    """The backbone to start from: local dir, hub id or s3:// checkpoint."""
-    labels: str = "runs/tiny/labels"
-    """Output of jobs/label.py (local dir or s3://)."""
-    storage_path: str = "runs/tiny/train"
-    """Ray Train storage (local dir or s3://bucket/prefix): checkpoints and the final model."""
-    name: str = "tah"
-    """Run name; re-running with the same name resumes from its latest checkpoint."""
-    model: TaHConfig = field(default_factory=TaHConfig)
-    num_workers: int = 2
-    use_gpu: bool = False
-    zero_stage: int = 2
-    bf16: bool = False
-    """bf16 on GPU; CPU runs fp32."""
-    lr: float = 4e-5
-    stage2_lr: float = 3e-5
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.2
-    epochs: float = 5.0
-    stage2_epochs: float = 2.0
-    max_steps: int | None = None
-    """Stop each stage after this many optimizer steps (smoke runs)."""
-    global_batch: int = 128
-    """Sequences per optimizer step across all workers."""
-    micro_batch: int = 4
-    """Sequences per forward/backward per worker (gradient accumulation makes up the rest)."""
-    max_length: int = 8192
-    eval_every: int = 50
-    """Optimizer steps between validation losses (and checkpoints)."""
-    checkpoint_every: int = 50
-    seed: int = 0
-    metric: str = "mismatch"
-    """Oracle metric used to derive depths from the stored reference statistics."""
-
-    def __post_init__(self) -> None:
-        if self.method not in ("standard", "always_think", "tah"):
-            raise ValueError(f"method must be standard | always_think | tah, got {self.method!r}")
-        if self.prune_layer is not None and not self.prune:
-            raise ValueError("prune_layer is set but prune is false: set prune=true to remove a layer")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError("zero_stage must be 0..3")
-        if self.num_workers < 1 or self.micro_batch < 1 or self.global_batch < 1:
-            raise ValueError("num_workers, micro_batch and global_batch must be >= 1")
-        if self.global_batch % (self.micro_batch * self.num_workers):
-            raise ValueError(f"global_batch {self.global_batch} must be a multiple of micro_batch x num_workers "
-                             f"({self.micro_batch} x {self.num_workers})")
-        if self.method == "standard" and self.model.max_depth != 1:
-            self.model = dataclasses.replace(self.model, max_depth=1)
-        if self.method == "always_think" and self.model.depth_attention != "current":
-            # AlwaysThink attends causally within each depth (paper, appendix A.1).
-            self.model = dataclasses.replace(self.model, depth_attention="current")
-
-    @property
-    def grad_accum(self) -> int:
-        return self.global_batch // (self.micro_batch * self.num_workers)
-
-
-@dataclass
-class EvalConfig:
-    """jobs/eval.py: checkpoints x benchmarks through the serving engine, graded, summarised."""
-
-    models: dict[str, str] = field(default_factory=dict)
-    """Name -> TaH checkpoint (local dir or s3://), e.g. {tah: runs/tiny/train/tah/stage2/model}."""
-    policies: dict[str, str] = field(default_factory=dict)
-    """Name -> depth policy where not the decider: standard | always_think (default: decider)."""
-    benchmarks: list[str] = field(default_factory=lambda: ["tinytask"])
-    sources: dict[str, str] = field(default_factory=dict)
-    """Benchmark -> local file/dir or s3:// mirror of its published rows (default: the hub)."""
-    tokenizer: str | None = None
-    """None: each checkpoint's own tokenizer, else the shipped task's."""
-    limit: int | None = None
-    """First N problems of each benchmark (None: all)."""
-    n_samples: int = 1
-    """Samples per problem; accuracy is pass@1 averaged over them."""
-    n_samples_per_benchmark: dict[str, int] = field(default_factory=dict)
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    max_tokens: int = 1024
-    threshold: float | None = None
-    """Decider threshold (None: each checkpoint's)."""
-    seed: int = 0
-    num_actors: int = 1
-    """Engine actors per model (Ray Data ActorPoolStrategy)."""
-    max_num_seqs: int = 32
-    max_model_len: int = 4096
-    batch_size: int = 32
-    """Problems per actor call (decoded together by the engine)."""
-    grade_workers: int = 2
-    sandbox: SandboxLimits = field(default_factory=SandboxLimits)
-    """The code grader's sandbox (limits, backend, unsafe_code_execution), see tah/eval/sandbox.py."""
-    output: str = "runs/eval"
-    labels: str | None = None
-    """A jobs/label.py output: also run the token-level analysis on its validation rows."""
-
-    def __post_init__(self) -> None:
-        for name, pol in self.policies.items():
-            if pol not in ("decider", "standard", "always_think"):
-                raise ValueError(f"policies.{name} must be decider | standard | always_think, got {pol!r}")
-        if self.n_samples < 1 or self.num_actors < 1 or self.batch_size < 1:
-            raise ValueError("n_samples, num_actors and batch_size must be >= 1")
+    return from_dict(cls, apply_overrides(_alias_keys(cls, data), overrides))

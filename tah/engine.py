@@ -39,27 +39,33 @@ import operator
 import random
 import threading
 import time
+import typing
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from .config import check_choices
 from .model import TaHForCausalLM
 from .sampling import RequestError, SamplingParams, sample
 
-DEPTH_POLICIES = ("decider", "standard", "always_think")
+DepthPolicy = Literal["decider", "standard", "always_think"]
+DEPTH_POLICIES = typing.get_args(DepthPolicy)
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EngineConfig:
+    """The serving engine's knobs (serve/tah.py's and jobs/eval.py's configs nest it as `engine:`)."""
+
     max_num_seqs: int = 32
     """Requests decoded together at most (slots of the KV reservation)."""
     max_model_len: int = 2048
     """Prompt + generated tokens per request at most."""
     max_prefill_tokens: int = 4096
     """Prompt tokens admitted per step at most (one longer prompt is still admitted alone)."""
-    depth_policy: str = "decider"
+    depth_policy: DepthPolicy = "decider"
     """decider (TaH) | standard (all depth 1) | always_think (all at max depth)."""
     threshold: float | None = None
     """Decider threshold; None = the checkpoint's."""
@@ -67,8 +73,7 @@ class EngineConfig:
     """Attention window granularity (slots)."""
 
     def __post_init__(self) -> None:
-        if self.depth_policy not in DEPTH_POLICIES:
-            raise ValueError(f"depth_policy must be one of {DEPTH_POLICIES}, got {self.depth_policy!r}")
+        check_choices(self)
         if self.max_num_seqs < 1 or self.max_model_len < 2 or self.max_prefill_tokens < 1:
             raise ValueError(f"bad engine sizes: {self}")
 

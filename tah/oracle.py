@@ -14,6 +14,8 @@ cross-entropy and split into (max_depth - 1) equal bins, highest CE deepest.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 METRICS = ("mismatch", "entropy", "ce")
@@ -104,3 +106,26 @@ def continue_labels(depths: torch.Tensor, max_depth: int) -> torch.Tensor:
     d = torch.arange(1, max_depth, device=depths.device)
     lab = (depths[..., None] > d).long()
     return lab.masked_fill(depths[..., None] < d, -1)
+
+
+# ------------------------------------------------------------------ the depth and label rules of a row
+METHODS = ("standard", "always_think", "tah")
+
+
+def row_depths(row: dict[str, Any], method: str, max_depth: int, metric: str = "mismatch") -> torch.Tensor:
+    """(T,) depths of one label row for a training method."""
+    am = torch.as_tensor(row["assistant_mask"])
+    if method == "standard" or max_depth == 1:
+        return torch.ones(len(am), dtype=torch.long)
+    if method == "always_think":
+        return torch.where(am.bool(), torch.full_like(am, max_depth, dtype=torch.long), torch.ones_like(am, dtype=torch.long))
+    if method != "tah":
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return oracle_depths(torch.as_tensor(row["ref_mismatch"]).bool(), torch.as_tensor(row["ref_ce"]),
+                         torch.as_tensor(row["ref_entropy"]), am, max_depth, metric)
+
+
+def row_labels(row: dict[str, Any]) -> torch.Tensor:
+    """(T,) LM labels: the token where it is an assistant token (a training target), else -100."""
+    ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+    return ids.masked_fill(~torch.as_tensor(row["assistant_mask"]).bool(), -100)

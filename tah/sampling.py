@@ -114,27 +114,38 @@ def _as_rows(value: float | int | torch.Tensor, batch: int, dtype: torch.dtype, 
     return t.expand(batch) if t.dim() == 0 else t
 
 
+def _scaled(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """(B, V) fp32 logits / temperature; rows with temperature 0 unscaled (their caller takes the argmax)."""
+    temp = _as_rows(temperature, logits.shape[0], torch.float32, logits.device)
+    return logits.float() / torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
+
+
+def _filtered(sorted_x: torch.Tensor, top_k: int | torch.Tensor, top_p: float | torch.Tensor,
+              min_p: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one filtering rule: over (B, C) scaled logits sorted descending, (probs after top-k, drop)
+    where drop marks what top-k, then top-p (the smallest prefix whose mass reaches p) and min-p
+    (relative to the top token) remove; the most likely token always stays."""
+    B, C = sorted_x.shape
+    dev = sorted_x.device
+    k = _as_rows(top_k, B, torch.long, dev).clamp(0, C)
+    rank = torch.arange(C, device=dev)[None, :]
+    drop = (k[:, None] > 0) & (rank >= k[:, None])  # top-k
+    probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
+    drop |= (probs.cumsum(-1) - probs) >= _as_rows(top_p, B, torch.float32, dev)[:, None]
+    drop |= probs < _as_rows(min_p, B, torch.float32, dev)[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    return probs, drop
+
+
 def filter_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
                   top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0) -> torch.Tensor:
     """(B, V) logits -> (B, V) fp32 scaled logits with the filtered-out tokens at -inf.
 
     Rows with temperature 0 are left unscaled (the caller takes their argmax).
     """
-    B, V = logits.shape
-    dev = logits.device
-    temp = _as_rows(temperature, B, torch.float32, dev)
-    x = logits.float() / torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
-    k = _as_rows(top_k, B, torch.long, dev).clamp(0, V)
-    p = _as_rows(top_p, B, torch.float32, dev)
-    mp = _as_rows(min_p, B, torch.float32, dev)
+    x = _scaled(logits, temperature)
     sorted_x, order = x.sort(dim=-1, descending=True)  # (B, V)
-    rank = torch.arange(V, device=dev)[None, :]
-    drop = (k[:, None] > 0) & (rank >= k[:, None])  # top-k
-    probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
-    # top-p: keep the smallest prefix whose mass reaches p (the first token always stays).
-    drop |= (probs.cumsum(-1) - probs) >= p[:, None]
-    drop |= probs < mp[:, None] * probs[:, :1]  # min-p relative to the top token
-    drop[:, 0] = False
+    _, drop = _filtered(sorted_x, top_k, top_p, min_p)
     mask = torch.zeros_like(drop).scatter(1, order, drop)
     return x.masked_fill(mask, float("-inf"))
 
@@ -147,21 +158,13 @@ def candidates(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, to
     When every row has a top-k, only max(top_k) candidates are looked at (topk, not a full-vocabulary
     sort): sampling a batch then costs O(B x k) after one topk instead of O(B x V log V)."""
     B, V = logits.shape
-    dev = logits.device
-    temp = _as_rows(temperature, B, torch.float32, dev)
-    k = _as_rows(top_k, B, torch.long, dev).clamp(0, V)
-    x = logits.float() / torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
+    x = _scaled(logits, temperature)
+    k = _as_rows(top_k, B, torch.long, logits.device).clamp(0, V)
     if bool((k > 0).all()):
         vals, ids = x.topk(int(k.max()), dim=-1)  # (B, C) sorted
     else:
         vals, ids = x.sort(dim=-1, descending=True)
-    C = vals.shape[1]
-    rank = torch.arange(C, device=dev)[None, :]
-    drop = (k[:, None] > 0) & (rank >= k[:, None])
-    probs = torch.softmax(vals.masked_fill(drop, float("-inf")), dim=-1)
-    drop |= (probs.cumsum(-1) - probs) >= _as_rows(top_p, B, torch.float32, dev)[:, None]
-    drop |= probs < _as_rows(min_p, B, torch.float32, dev)[:, None] * probs[:, :1]
-    drop[:, 0] = False
+    probs, drop = _filtered(vals, k, top_p, min_p)
     probs = probs.masked_fill(drop, 0.0)
     return probs / probs.sum(-1, keepdim=True), ids
 

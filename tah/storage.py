@@ -13,7 +13,7 @@ A directory published to S3 (`publish_dir`) is versioned, so readers never see t
 Readers resolve `LATEST` first (`resolve`, `local_copy`, `is_published`) and read only that version; a
 prefix without `LATEST` (an older checkpoint, a plain `upload_dir`) is read as it is.
 
-    python -c "from tah.storage import list_files; print(list_files('data/tinytask', ('.jsonl',))[:3])"
+    python -c "from tah.storage import list_files; print(list_files('tah/assets/tinytask', ('.jsonl',))[:3])"
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import torch
 from tah.attention import DuoCausalSpec, tah_attention
 from tah.testing import random_depths
 
-from .test_model import batch, make
+from .helpers import batch, make
 
 
 class _Mod(torch.nn.Module):

@@ -14,7 +14,7 @@ from tah.model import backbone_state_dict
 from tah.prune import perplexity, prune_layer
 from tah.testing import random_depths, tiny_qwen3
 
-from .test_model import batch, make
+from .helpers import batch, make
 
 
 @pytest.mark.parametrize("stage,expect", [

@@ -14,12 +14,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tah.data.chat import MalformedSample, tokenize_chat
+from tah.tokenizer import MalformedSample, tokenize_chat
 from tah.data.openr1 import is_validation, iter_samples, normalize_row, select_balanced, source_files
 from tah.oracle import continue_labels, labelled_positions, oracle_depths, token_stats
+from tah.assets import shipped_task, shipped_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "data/tinytask/tokenizer"
+TOKENIZER = Path(shipped_tokenizer())
 
 
 # ------------------------------------------------------------------------------------------ oracle
@@ -160,7 +161,7 @@ def test_shipped_task_regenerates_byte_identically(tmp_path):
     from tah.data.tinytask import build
 
     hashes = build(tmp_path / "tt")
-    shipped = ROOT / "data/tinytask"
+    shipped = Path(shipped_task())
     for rel, digest in hashes.items():
         assert hashlib.sha256((shipped / rel).read_bytes()).hexdigest() == digest, rel
     assert len(hashes) == 12
@@ -169,7 +170,7 @@ def test_shipped_task_regenerates_byte_identically(tmp_path):
 def test_shipped_task_is_checkable_and_disjoint():
     from tah.data.tinytask import DOMAINS
 
-    root = ROOT / "data/tinytask"
+    root = Path(shipped_task())
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     assert len(tok) <= 4096 and tok.convert_tokens_to_ids("<think>") != tok.unk_token_id
     assert all(len(tok.tokenize(d)) == 1 for d in "0123456789")
@@ -191,12 +192,15 @@ def test_shipped_task_is_checkable_and_disjoint():
 
 
 def test_every_shipped_recipe_parses():
+    from jobs.eval import EvalConfig
     from jobs.experiment import ExperimentConfig
+    from jobs.label import LabelConfig
     from jobs.sweep import SweepConfig
+    from jobs.train import TrainConfig
     from serve.tah import ServeConfig
-    from tah.config import EvalConfig, LabelConfig, TrainConfig, load_config
+    from tah.config import load_config
 
-    # jobs/configs/<file>.yaml and jobs/configs/<model>/<file>.yaml are experiments (jobs/train.py)
+    # jobs/configs/<file>.yaml and jobs/configs/<model>/<file>.yaml are experiments (jobs/experiment.py)
     kinds = {"label": LabelConfig, "train": TrainConfig, "eval": EvalConfig, "sweep": SweepConfig}
     recipes = sorted((ROOT / "jobs/configs").rglob("*.yaml"))
     assert recipes

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from tah import TaHConfig, TaHForCausalLM
-from tah.config import EvalConfig, LabelConfig
-from tah.data.labeling import load_tokenizer
+from jobs.eval import EvalConfig
+from jobs.label import LabelConfig
+from tah.config import from_dict
+from tah.tokenizer import load_tokenizer
 from tah.testing import randomize_lora, tiny_qwen3
+from tah.assets import shipped_task, shipped_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = str(ROOT / "data/tinytask/tokenizer")
+TOKENIZER = shipped_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def setup(tmp_path_factory):
     randomize_lora(model)
     model.save_pretrained(root / "tah", tokenizer=tok)
     init_ray(num_cpus=2)
-    label(LabelConfig(reference_model=str(root / "base"), source=str(ROOT / "data/tinytask"), tokenizer=TOKENIZER,
+    label(LabelConfig(reference_model=str(root / "base"), source=shipped_task(), tokenizer=TOKENIZER,
                       output=str(root / "labels"), samples_per_domain=8, num_shards=1, validation_fraction=0.5))
     yield root
     ray.shutdown()
@@ -43,9 +46,10 @@ def test_eval_job_end_to_end(setup):
     from jobs.eval import run
 
     root = setup
-    cfg = EvalConfig(models={"tah": str(root / "tah"), "standard": str(root / "tah")},
-                     policies={"standard": "standard"}, limit=6, max_tokens=12, max_model_len=256, batch_size=4,
-                     n_samples=2, output=str(root / "out"), labels=str(root / "labels"))
+    cfg = from_dict(EvalConfig, {"models": {"tah": str(root / "tah"), "standard": str(root / "tah")},
+                                 "policies": {"standard": "standard"}, "limit": 6, "max_tokens": 12,
+                                 "max_model_len": 256, "batch_size": 4, "n_samples": 2,
+                                 "output": str(root / "out"), "labels": str(root / "labels")})
     rows = run(cfg)
     assert {(r["model"], r["benchmark"]) for r in rows} == {("tah", "tinytask"), ("standard", "tinytask")}
     by = {r["model"]: r for r in rows}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tah import TaHForCausalLM
+from tah.assets import shipped_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_base_model_and_its_record():
     from transformers import AutoModelForCausalLM
 
-    base = ROOT / "models/tiny-base"
+    base = Path(shipped_base_model())
     rec = json.loads((base / "pretrain.json").read_text())
     assert rec["command"].startswith("python jobs/pretrain.py")
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -11,7 +11,7 @@ from tah.config import TaHConfig, load_config
 from tah.sampling import filter_logits, sample
 from tah.testing import random_depths
 
-from .test_model import batch, make
+from .helpers import batch, make
 
 
 def test_greedy_depth1_equals_hf_generate():

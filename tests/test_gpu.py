@@ -13,7 +13,7 @@ import torch
 from tah.attention import flash_attn_available
 from tah.testing import random_depths
 
-from .test_model import batch, make
+from .helpers import batch, make
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 BACKENDS = ["sdpa", "flex", "auto"] + (["flash"] if flash_attn_available() else [])

@@ -15,12 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tah.config import LabelConfig, to_dict
-from tah.data.labeling import ReferenceLabeler, label_samples, load_tokenizer, read_labels
+from jobs.label import LabelConfig
+from tah.config import to_dict
+from tah.data.labeling import ReferenceLabeler, label_samples, read_labels
+from tah.tokenizer import load_tokenizer
 from tah.data.openr1 import iter_samples, select_balanced
+from tah.assets import shipped_task, shipped_tokenizer, shipped_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = str(ROOT / "data/tinytask/tokenizer")
+TOKENIZER = shipped_tokenizer()
 DOMAINS = ["math", "code", "science"]
 
 
@@ -28,7 +31,7 @@ DOMAINS = ["math", "code", "science"]
 def ref_model() -> str:
     # The shipped base: right on most tokens and wrong on some (a random model can be wrong on all,
     # which leaves nothing easy to check).
-    return str(ROOT / "models/tiny-base")
+    return shipped_base_model()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def ray_session():
 
 
 def _cfg(ref: str, out: Path, **kw) -> LabelConfig:
-    base = dict(reference_model=ref, source=str(ROOT / "data/tinytask"), tokenizer=TOKENIZER, output=str(out),
+    base = dict(reference_model=ref, source=shipped_task(), tokenizer=TOKENIZER, output=str(out),
                 domains=DOMAINS, samples_per_domain=6, num_shards=3, shards_per_wave=3, batch_size=5)
     return LabelConfig(**{**base, **kw})
 
@@ -107,8 +110,7 @@ def test_actors_that_would_hold_every_cpu_are_refused(ref_model, ray_session, tm
 KILLED_JOB = """
 import json, os, sys
 from jobs.common import init_ray
-from jobs.label import Hooks, run
-from tah.config import LabelConfig, to_dict
+from jobs.label import Hooks, LabelConfig, run
 init_ray()
 after = int(sys.argv[2])
 run(LabelConfig(**json.loads(sys.argv[1])), Hooks(after_wave=lambda waves: os._exit(3) if waves >= after else None))
@@ -122,7 +124,7 @@ def test_kill_and_resume_is_exactly_once(ref_model, ray_session, tmp_path):
 
     source = tmp_path / "source"  # a copy, to change below
     for d in DOMAINS:
-        shutil.copytree(ROOT / "data/tinytask" / d, source / d)
+        shutil.copytree(Path(shipped_task()) / d, source / d)
     cfg = _cfg(ref_model, tmp_path / "labels", source=str(source), num_shards=4, shards_per_wave=1)
     proc = subprocess.run([sys.executable, "-c", KILLED_JOB, json.dumps(to_dict(cfg)), "2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -179,7 +181,7 @@ def test_label_job_reads_and_writes_s3(ref_model, s3_server, tmp_path):
 
     storage.s3_client().create_bucket(Bucket="tah")
     for d in DOMAINS:
-        storage.upload_dir(ROOT / "data/tinytask" / d, f"s3://tah/data/{d}")
+        storage.upload_dir(Path(shipped_task()) / d, f"s3://tah/data/{d}")
     storage.upload_dir(TOKENIZER, "s3://tah/tokenizer")
     storage.upload_dir(ref_model, "s3://tah/ref")
     env = {**os.environ, **s3_server, "TAH_CACHE": str(tmp_path / "cache")}

@@ -1,6 +1,6 @@
 """The README's production path, run as its CPU/tiny equivalent: a Ray head started with `ray start
 --head` (the cluster), the Qwen3-1.7B recipe submitted to it with `ray job submit --working-dir . --
-python jobs/train.py ...`, scaled down to the shipped base and task, with every artifact on S3 (a moto
+python jobs/experiment.py ...`, scaled down to the shipped base and task, with every artifact on S3 (a moto
 server on 127.0.0.1); then `serve run serve.tah:app model=s3://...` and a REST call against it."""
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import urllib.request
 from pathlib import Path
 
 from .conftest import _free_port
+from tah.assets import shipped_task, shipped_tokenizer, shipped_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this venv's python, ray and serve
 # What the production recipe asks of a GPU cluster, brought down to 2 CPUs and a few steps.
-TINY = ["base_model=models/tiny-base", "source=data/tinytask", "tokenizer=data/tinytask/tokenizer",
+TINY = [f"base_model={shipped_base_model()}", f"source={shipped_task()}", f"tokenizer={shipped_tokenizer()}",
         "label.samples_per_domain=12", "label.validation_fraction=0.25", "label.num_shards=2",
         "label.shards_per_wave=2", "label.num_actors=1", "label.use_gpu=false", "label.dtype=float32",
         "train.num_workers=2", "train.use_gpu=false", "train.bf16=false", "train.max_steps=2",
@@ -85,7 +86,7 @@ def test_recipe_to_s3_then_serve_from_s3(s3_server, tmp_path):
     from tah import TaHForCausalLM, storage
 
     storage.s3_client().create_bucket(Bucket="prod")
-    storage.upload_dir(ROOT / "models/tiny-base", "s3://prod/sft/tiny")  # stands in for the SFT reference
+    storage.upload_dir(Path(shipped_base_model()), "s3://prod/sft/tiny")  # stands in for the SFT reference
     # The head's environment is what its job inherits: the S3 endpoint, and this venv's python first.
     env = {**os.environ, **s3_server, "TAH_CACHE": str(tmp_path / "cache"), "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -94,7 +95,7 @@ def test_recipe_to_s3_then_serve_from_s3(s3_server, tmp_path):
     cluster_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     with ray_head(cluster_env, tmp_path) as address:
         cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-               "python", "jobs/train.py", "--config", "jobs/configs/qwen3-1.7b/tah.yaml",
+               "python", "jobs/experiment.py", "--config", "jobs/configs/qwen3-1.7b/tah.yaml",
                "output=s3://prod/tah/tiny", "reference_model=s3://prod/sft/tiny", *TINY]
         proc = subprocess.run(cmd, cwd=ROOT, env=cluster_env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -132,7 +133,7 @@ def test_recipe_to_s3_then_serve_from_s3(s3_server, tmp_path):
     # serve run serve.tah:app model=s3://...  (the README's command), then an OpenAI-style REST call.
     port = 8000  # `serve run` without a config file serves on Serve's default port
     serve = subprocess.Popen(["serve", "run", "serve.tah:app", f"model={ckpt}",
-                              "tokenizer=data/tinytask/tokenizer", "max_model_len=512"],
+                              f"tokenizer={shipped_tokenizer()}", "max_model_len=512"],
                              cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -48,7 +48,7 @@ def server(tmp_path_factory):
     init_ray(num_cpus=2)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ServeConfig(model=str(ckpt), max_num_seqs=4, max_model_len=4096, max_ongoing_requests=16,
+    cfg = ServeConfig(model=str(ckpt), engine=EngineConfig(max_num_seqs=4, max_model_len=4096), max_ongoing_requests=16,
                       max_queued_requests=32, api_key=KEY, min_request_threshold=MIN_THRESHOLD,
                       max_request_bytes=MAX_BODY)
     serve.run(deployment(cfg), name="tah", route_prefix="/")

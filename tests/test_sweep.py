@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tah.config import LabelConfig, TrainConfig, from_dict, load_config
+from jobs.label import LabelConfig
+from jobs.train import TrainConfig
+from tah.config import from_dict, load_config
+from tah.assets import shipped_task, shipped_tokenizer, shipped_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["train.max_steps=2", "train.global_batch=4", "train.micro_batch=2", "train.eval_every=1",
@@ -25,8 +28,8 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sweep")
     init_ray(num_cpus=2, dashboard=True)  # as jobs/sweep.py starts it: Train's PG cleaner needs the state API
-    label(LabelConfig(reference_model=str(ROOT / "models/tiny-base"), source=str(ROOT / "data/tinytask"),
-                      tokenizer=str(ROOT / "data/tinytask/tokenizer"), output=str(root / "labels"),
+    label(LabelConfig(reference_model=shipped_base_model(), source=shipped_task(),
+                      tokenizer=shipped_tokenizer(), output=str(root / "labels"),
                       samples_per_domain=12, num_shards=2, validation_fraction=0.25))
     yield root
     ray.shutdown()
@@ -37,7 +40,7 @@ def _cfg(root: Path, recipe: str, *extra: str):
 
     return load_config(SweepConfig, ROOT / "jobs/configs/sweep" / recipe, [
         f"output={root / 'sweeps'}", f"train.labels={root / 'labels'}", f"eval.labels={root / 'labels'}",
-        f"train.base_model={ROOT / 'models/tiny-base'}", *SHORT, *extra])
+        f"train.base_model={shipped_base_model()}", *SHORT, *extra])
 
 
 def _reserved_placement_groups(wait_s: float = 30.0) -> list[dict]:

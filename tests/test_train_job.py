@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from tah import TaHForCausalLM
-from tah.config import LabelConfig, TrainConfig, from_dict
+from jobs.label import LabelConfig
+from jobs.train import TrainConfig
+from tah.config import from_dict
+from tah.assets import shipped_task, shipped_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "decider": {"width": 32, "blocks": 1, "dropout": 0.1}}
@@ -22,16 +25,16 @@ def setup(tmp_path_factory):
 
     from jobs.common import init_ray
     from jobs.label import run as label
-    from tah.data.labeling import load_tokenizer
+    from tah.tokenizer import load_tokenizer
     from tah.testing import tiny_qwen3
 
     root = tmp_path_factory.mktemp("train")
-    tok = load_tokenizer(str(ROOT / "data/tinytask/tokenizer"))
+    tok = load_tokenizer(shipped_tokenizer())
     # A "reference" that is right more often than chance, so that hard and easy tokens both occur.
     tiny_qwen3(vocab_size=len(tok), seed=1, initializer_range=0.02).save_pretrained(root / "base")
     init_ray(num_cpus=2)
-    label(LabelConfig(reference_model=str(root / "base"), source=str(ROOT / "data/tinytask"),
-                      tokenizer=str(ROOT / "data/tinytask/tokenizer"), output=str(root / "labels"),
+    label(LabelConfig(reference_model=str(root / "base"), source=shipped_task(),
+                      tokenizer=shipped_tokenizer(), output=str(root / "labels"),
                       samples_per_domain=24, num_shards=2, validation_fraction=0.1))
     yield root
     ray.shutdown()

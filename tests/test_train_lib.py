@@ -11,12 +11,14 @@ import torch.nn.functional as F
 
 from tah import TaHConfig, TaHForCausalLM
 from tah.config import DeciderSettings, LoraSettings
-from tah.data.chat import tokenize_chat
-from tah.data.labeling import load_tokenizer
+from tah.tokenizer import tokenize_chat
+from tah.tokenizer import load_tokenizer
 from tah.oracle import labelled_positions
 from tah.testing import tiny_qwen3
-from tah.train.batching import collate, length_buckets, pack, row_depths, row_labels
+from tah.oracle import row_depths, row_labels
+from tah.train.batching import collate, length_buckets, pack
 from tah.train.losses import decider_loss, pos_weight_from_depths
+from tah.assets import shipped_task, shipped_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,8 +58,8 @@ def test_length_buckets_and_packing_cover_every_sample_once():
 
 def _rows(n: int = 12, seed: int = 0):
     """Label-shaped rows from the shipped task, with synthetic reference statistics."""
-    tok = load_tokenizer(str(ROOT / "data/tinytask/tokenizer"))
-    lines = (ROOT / "data/tinytask/math/train-00000-of-00001.jsonl").read_text().splitlines()[:n]
+    tok = load_tokenizer(shipped_tokenizer())
+    lines = (Path(shipped_task()) / "math/train-00000-of-00001.jsonl").read_text().splitlines()[:n]
     g = torch.Generator().manual_seed(seed)
     rows = []
     for line in lines:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from collections import Counter
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 
 from .. import storage
 from ..oracle import batch_token_stats, labelled_positions, oracle_depths, token_stats
-from .chat import MalformedSample, tokenize_chat
+from ..tokenizer import MalformedSample, load_tokenizer, tokenize_chat
 from .openr1 import Sample, is_validation, normalize_row
 
 SHARD_SCHEMA = pa.schema([
@@ -101,29 +100,6 @@ def _objects(items: list) -> np.ndarray:
     arr = np.empty(len(items), dtype=object)
     arr[:] = items
     return arr
-
-
-_TOKENIZERS: dict[str, Any] = {}
-
-
-def checkpoint_tokenizer(model_path: str, override: str | None = None) -> str:
-    """The tokenizer directory for a checkpoint: `override`, else the checkpoint's own, else the
-    shipped task's (training writes checkpoints without one)."""
-    if override:
-        return override
-    local = storage.local_copy(model_path)
-    if Path(local, "tokenizer_config.json").exists():
-        return local
-    return str(Path(__file__).resolve().parents[2] / "data" / "tinytask" / "tokenizer")
-
-
-def load_tokenizer(path: str) -> Any:
-    """AutoTokenizer from a local dir, hub id or s3:// prefix, cached per process."""
-    if path not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(storage.local_copy(path))
-    return _TOKENIZERS[path]
 
 
 def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_response_tokens: int) -> dict[str, np.ndarray]:
@@ -338,3 +314,10 @@ def read_labels(output: str) -> pa.Table:
         fs, path = storage.pyarrow_fs(f)
         tables.append(pq.read_table(path, filesystem=fs).replace_schema_metadata(None))
     return pa.concat_tables(tables)
+
+
+def read_validation_rows(output: str, max_tokens: int | None = None) -> list[dict[str, Any]]:
+    """The validation rows of a label output as dicts, in sample-id order (the same rows every
+    time, whatever the shard layout), optionally only those of at most `max_tokens` tokens."""
+    rows = sorted((r for r in read_labels(output).to_pylist() if r["is_validation"]), key=lambda r: r["sample_id"])
+    return [r for r in rows if max_tokens is None or len(r["input_ids"]) <= max_tokens]

@@ -2,14 +2,14 @@
 or an s3:// prefix, through the same code path once the rows are in hand.
 
 Layout (as published): `<root>/<domain>/<split>-XXXXX-of-YYYYY.parquet` with domains math / code /
-science; `.jsonl` files in the same layout work too (the shipped task, data/tinytask). Each row holds
+science; `.jsonl` files in the same layout work too (the shipped task, tah/assets/tinytask). Each row holds
 `messages`: a list of {role, content}; the assistant turn holds <think>...</think> then the answer.
 
 Rows are normalised into `Sample`s; a malformed row is skipped and counted under its reason
 (MALFORMED_REASONS), never raised. A sample's id is a hash of its domain and messages, so it is
 stable across runs, machines and worker counts; the 1% validation split is a hash of that id.
 
-    python -c "from tah.data.openr1 import iter_samples; s = next(iter_samples('data/tinytask', ['math'])); print(s)"
+    python -c "from tah.data.openr1 import iter_samples; s = next(iter_samples('tah/assets/tinytask', ['math'])); print(s)"
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ docs/results.md). Rows are {"messages": [user, assistant], "num_tokens",
 "source", "answer", "tests"}; files are `<domain>/{train,validation,test}-00000-of-00001.jsonl`.
 The tokenizer is a byte-level BPE (digits split one per token) with a Qwen3-style chat template.
 
-    python -m tah.data.tinytask --out data/tinytask        # regenerates the shipped files byte-identically
+    python -m tah.data.tinytask                           # regenerates tah/assets/tinytask byte-identically
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import random
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable
 
@@ -221,7 +222,7 @@ def build(out: Path, seed: int = 0, steps: int = 2, digits: int = 2, vocab_size:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Generate the shipped tiny reasoning task and its tokenizer.")
-    ap.add_argument("--out", default="data/tinytask")
+    ap.add_argument("--out", default=str(files("tah.assets").joinpath("tinytask")))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=2, help="operations per math problem (difficulty)")
     ap.add_argument("--digits", type=int, default=2, help="digits per operand (difficulty)")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..model import TaHForCausalLM, next_token_targets
-from ..train.batching import row_depths, row_labels
+from ..oracle import row_depths, row_labels
 
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -99,19 +99,29 @@ def token_analysis(model: TaHForCausalLM, rows: list[dict[str, Any]], tokenizer:
     }
 
 
-def plot_threshold(sweep: list[dict[str, float]], path: Path) -> None:
+def plot_threshold(sweep: list[dict[str, float]], path: Path, accuracy: str = "next-token accuracy",
+                   extra: dict[str, str] | None = None) -> None:
+    """Accuracy (left axis) and % tokens iterated (right axis) against the decider threshold, one
+    point per entry of `sweep` ({threshold, accuracy, pct_iterated, ...}); `extra` adds more accuracy
+    series by key -> label (the sweep job adds the token accuracy beside pass@1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sweep = sorted(sweep, key=lambda s: s["threshold"])
     fig, ax = plt.subplots(figsize=(5, 3.2))
     t = [s["threshold"] for s in sweep]
-    ax.plot(t, [s["accuracy"] for s in sweep], "o-", color="tab:blue")
+    ax.plot(t, [s.get("accuracy", float("nan")) for s in sweep], "o-", color="tab:blue", label=accuracy)
+    for (key, label), style in zip((extra or {}).items(), ("^:", "v-.", "d:")):
+        if any(key in s for s in sweep):
+            ax.plot(t, [s.get(key, float("nan")) for s in sweep], style, label=label)
     ax.set_xlabel("decider threshold")
-    ax.set_ylabel("next-token accuracy", color="tab:blue")
+    ax.set_ylabel(accuracy, color="tab:blue")
+    if extra:
+        ax.legend(fontsize=7, loc="lower left")
     ax2 = ax.twinx()
-    ax2.plot(t, [s["pct_iterated"] for s in sweep], "s--", color="tab:orange")
+    ax2.plot(t, [s.get("pct_iterated", float("nan")) for s in sweep], "s--", color="tab:orange")
     ax2.set_ylabel("% tokens iterated", color="tab:orange")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -138,12 +148,13 @@ def markdown(res: dict[str, Any]) -> str:
 
 def analyze(checkpoint: str, labels: str, output: str | Path, max_rows: int = 64) -> dict[str, Any]:
     """Run the analysis on the first `max_rows` validation rows; write analysis.{json,md} and threshold.png."""
-    from ..data.labeling import checkpoint_tokenizer, load_tokenizer, read_labels
+    from ..data.labeling import read_validation_rows
+    from ..tokenizer import checkpoint_tokenizer, load_tokenizer
 
     model = TaHForCausalLM.from_pretrained(checkpoint)
     if model.config.max_depth < 2:
         raise ValueError(f"{checkpoint} has max_depth {model.config.max_depth}: nothing iterates to analyse")
-    rows = sorted((r for r in read_labels(labels).to_pylist() if r["is_validation"]), key=lambda r: r["sample_id"])
+    rows = read_validation_rows(labels)
     res = token_analysis(model, rows[:max_rows], load_tokenizer(checkpoint_tokenizer(checkpoint)))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .. import storage
+from ..assets import shipped_task
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 CHOICE_SUFFIX = "\nAnswer with the letter of the correct option, within \\boxed{}."
@@ -154,7 +155,7 @@ def load_benchmark(name: str, source: str | None = None, limit: int | None = Non
         raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[name]
     if name == "tinytask" and source is None:
-        source = str(Path(__file__).resolve().parents[2] / "data" / "tinytask")
+        source = shipped_task()
     rows = _read_local(source, split or spec.split) if source else _read_hub(spec)
     out = []
     for i, r in enumerate(rows):

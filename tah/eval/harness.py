@@ -10,16 +10,16 @@ sampling defaults (temperature 0.6, top-p 0.95, top-k 20), seeded per (problem, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import EvalConfig
+from ..tokenizer import chat_prompt_ids
 from .benchmarks import Problem
 from .grading import grade_many
 from .sandbox import SandboxLimits
@@ -29,45 +29,46 @@ SUMMARY_COLUMNS = ("model", "benchmark", "problems", "samples", "accuracy", "avg
 
 
 class EngineWorker:
-    """Holds one model's engine; turns a batch of problems into samples (a Ray Data batch in and out)."""
+    """Holds one model's engine; turns a batch of problems into samples (a Ray Data batch in and out).
 
-    def __init__(self, model_path: str, cfg: dict[str, Any], policy: str = "decider") -> None:
+    engine / sampling: `EngineConfig` / `SamplingParams` as dicts (they cross Ray as plain data); each
+    sample's params are `sampling` with its own seed and a max_tokens that fits the context window."""
+
+    def __init__(self, model_path: str, engine: dict[str, Any], sampling: dict[str, Any],
+                 tokenizer: str | None = None, n_samples: int = 1,
+                 n_samples_per_benchmark: dict[str, int] | None = None, seed: int = 0) -> None:
         import torch
 
         from ..config import from_dict
-        from ..data.labeling import checkpoint_tokenizer, load_tokenizer
         from ..engine import Engine, EngineConfig
         from ..model import TaHForCausalLM
+        from ..sampling import SamplingParams
+        from ..tokenizer import checkpoint_tokenizer, end_token_ids, load_tokenizer
 
-        self.cfg = from_dict(EvalConfig, cfg)
+        self.engine_cfg = from_dict(EngineConfig, engine)
+        self.sampling = from_dict(SamplingParams, sampling)
+        self.n_samples, self.per_benchmark, self.seed = n_samples, dict(n_samples_per_benchmark or {}), seed
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = TaHForCausalLM.from_pretrained(model_path, device=dev)
-        self.tokenizer = load_tokenizer(checkpoint_tokenizer(model_path, self.cfg.tokenizer))
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        self.engine = Engine(self.model, EngineConfig(max_num_seqs=self.cfg.max_num_seqs,
-                                                      max_model_len=self.cfg.max_model_len, depth_policy=policy,
-                                                      threshold=self.cfg.threshold), eos_token_ids=eos)
+        self.tokenizer = load_tokenizer(checkpoint_tokenizer(model_path, tokenizer))
+        # the same end tokens as serving: the tokenizer's eos and the checkpoint's generation_config
+        self.engine = Engine(self.model, self.engine_cfg, eos_token_ids=end_token_ids(self.tokenizer, model_path))
         self.parameters = self.model.parameter_report()["all"]["total"]
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        out = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+        return chat_prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..engine import SamplingParams
-
-        c = self.cfg
         prompts, params, keys = [], [], []
         for pid, bench, prompt in zip(batch["id"], batch["benchmark"], batch["prompt"]):
             ids = self.prompt_ids(str(prompt))
-            budget = min(c.max_tokens, c.max_model_len - len(ids))
-            for j in range(c.n_samples_per_benchmark.get(str(bench), c.n_samples)):
-                seed = (c.seed * 1_000_003 + zlib.crc32(str(pid).encode()) + j) % 2**31
+            room = self.engine_cfg.max_model_len - len(ids)
+            budget = min(self.sampling.max_tokens or room, room)
+            for j in range(self.per_benchmark.get(str(bench), self.n_samples)):
+                seed = (self.seed * 1_000_003 + zlib.crc32(str(pid).encode()) + j) % 2**31
                 keys.append((pid, j))
                 prompts.append(ids)
-                params.append(SamplingParams(max_tokens=max(budget, 1), temperature=c.temperature, top_p=c.top_p,
-                                             top_k=c.top_k, seed=seed))
+                params.append(dataclasses.replace(self.sampling, max_tokens=max(budget, 1), seed=seed))
         t0 = time.perf_counter()
         outs = self.engine.generate(prompts, params)
         seconds = time.perf_counter() - t0
@@ -92,13 +93,12 @@ def problem_batch(problems: list[Problem]) -> dict[str, np.ndarray]:
     return {k: np.array([getattr(p, k) for p in problems]) for k in ("id", "benchmark", "prompt")}
 
 
-def run_local(model_path: str, problems: list[Problem], cfg: EvalConfig, policy: str = "decider"
-              ) -> list[dict[str, Any]]:
-    """The harness without Ray: one engine in this process."""
-    worker = EngineWorker(model_path, asdict(cfg), policy)
+def run_local(model_path: str, problems: list[Problem], batch_size: int = 32, **worker: Any) -> list[dict[str, Any]]:
+    """The harness without Ray: one engine in this process (`worker`: EngineWorker's arguments)."""
+    w = EngineWorker(model_path, **worker)
     rows: list[dict[str, Any]] = []
-    for i in range(0, len(problems), cfg.batch_size):
-        out = worker(problem_batch(problems[i:i + cfg.batch_size]))
+    for i in range(0, len(problems), batch_size):
+        out = w(problem_batch(problems[i:i + batch_size]))
         rows += [{k: v[j].item() if hasattr(v[j], "item") else v[j] for k, v in out.items()}
                  for j in range(len(out["id"]))]
     return rows

@@ -67,8 +67,9 @@ class SandboxLimits:
     """Run without isolation where none is available (a warning per run). Never on a shared host."""
 
     def __post_init__(self) -> None:
-        if self.backend not in ("auto", "bwrap", "unshare"):
-            raise ValueError(f"sandbox.backend must be auto | bwrap | unshare, got {self.backend!r}")
+        from ..config import check_choices
+
+        check_choices(self)
         for name in ("cpu_seconds", "memory_mb", "wall_seconds", "file_mb", "disk_mb", "open_files", "processes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"sandbox.{name} must be > 0, got {getattr(self, name)!r}")

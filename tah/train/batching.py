@@ -1,7 +1,7 @@
 """Batches from oracle-label rows: depths per method, labels, length buckets and packing.
 
 A label row (jobs/label.py's Parquet) holds input_ids, assistant_mask and the reference statistics;
-depths are derived here, so one labelled set serves every method and max depth:
+depths come from the rules in tah.oracle (row_depths), so one labelled set serves every method and max depth:
 standard -> all 1; always_think -> every assistant token at max depth; tah -> the oracle's depths
 (re-binned from the stored CE for max_depth > 2, or another metric).
 
@@ -19,28 +19,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..oracle import labelled_positions, oracle_depths
+from ..oracle import labelled_positions, row_depths, row_labels
 
-METHODS = ("standard", "always_think", "tah")
-
-
-def row_depths(row: dict[str, Any], method: str, max_depth: int, metric: str = "mismatch") -> torch.Tensor:
-    """(T,) depths of one label row for a training method."""
-    am = torch.as_tensor(row["assistant_mask"])
-    if method == "standard" or max_depth == 1:
-        return torch.ones(len(am), dtype=torch.long)
-    if method == "always_think":
-        return torch.where(am.bool(), torch.full_like(am, max_depth, dtype=torch.long), torch.ones_like(am, dtype=torch.long))
-    if method != "tah":
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return oracle_depths(torch.as_tensor(row["ref_mismatch"]).bool(), torch.as_tensor(row["ref_ce"]),
-                         torch.as_tensor(row["ref_entropy"]), am, max_depth, metric)
-
-
-def row_labels(row: dict[str, Any]) -> torch.Tensor:
-    """(T,) LM labels: the token where it is an assistant token (a training target), else -100."""
-    ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
-    return ids.masked_fill(~torch.as_tensor(row["assistant_mask"]).bool(), -100)
+def sorted_windows(order: Sequence[int], lengths: Sequence[int], window: int) -> list[list[int]]:
+    """`order` cut into windows of `window` indices, each sorted by length: the one length-bucketing
+    rule (similar lengths batched together while an epoch still mixes across windows)."""
+    return [sorted(order[w:w + window], key=lambda i: lengths[i]) for w in range(0, len(order), window)]
 
 
 def length_buckets(lengths: Sequence[int], max_batch_tokens: int, seed: int = 0,
@@ -51,8 +35,7 @@ def length_buckets(lengths: Sequence[int], max_batch_tokens: int, seed: int = 0,
     order = list(range(len(lengths)))
     rng.shuffle(order)
     batches: list[list[int]] = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
+    for chunk in sorted_windows(order, lengths, window):
         cur: list[int] = []
         for i in chunk:
             if lengths[i] > max_batch_tokens:

@@ -20,17 +20,59 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
-from ..config import TrainConfig
+from ..config import check_choices
 from ..model import TaHForCausalLM
-from .batching import collate
+from .batching import collate, sorted_windows
 from .losses import decider_loss, pos_weight, stop_continue_counts
 
 STATE_NAME = "trainer_state.json"
 MODEL_DIR = "model"
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer, schedule, batching and DeepSpeed settings of a training stage (the loop's knobs)."""
+
+    lr: float = 4e-5
+    stage2_lr: float = 3e-5
+    """Learning rate of stage 2 (the decider alone)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr x min_lr_ratio."""
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.2
+    epochs: float = 5.0
+    stage2_epochs: float = 2.0
+    max_steps: int | None = None
+    """Stop each stage after this many optimizer steps (smoke runs)."""
+    global_batch: int = 128
+    """Sequences per optimizer step across all workers."""
+    micro_batch: int = 4
+    """Sequences per forward/backward per worker (gradient accumulation makes up the rest)."""
+    max_length: int = 8192
+    """Samples longer than this (tokens) are left out."""
+    eval_every: int = 50
+    """Optimizer steps between validation losses."""
+    checkpoint_every: int = 50
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = False
+    """bf16 on GPU; CPU runs fp32."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.micro_batch < 1 or self.global_batch < 1:
+            raise ValueError("optim.micro_batch and optim.global_batch must be >= 1")
+
+    def grad_accum(self, world: int) -> int:
+        """Micro-batches per optimizer step on each of `world` workers."""
+        if self.global_batch % (self.micro_batch * world):
+            raise ValueError(f"optim.global_batch {self.global_batch} must be a multiple of micro_batch x workers "
+                             f"({self.micro_batch} x {world})")
+        return self.global_batch // (self.micro_batch * world)
 
 
 @dataclass
@@ -56,11 +98,11 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
+def deepspeed_config(cfg: OptimConfig, world: int) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world,
+        "gradient_accumulation_steps": cfg.grad_accum(world),
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum(world) * world,
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bool(cfg.bf16)},
@@ -69,37 +111,39 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     }
 
 
-def _micro_batches(rows: list[dict[str, Any]], cfg: TrainConfig, epoch: int) -> list[list[int]]:
+def _micro_batches(rows: list[dict[str, Any]], micro: int, seed: int, epoch: int) -> list[list[int]]:
     """This epoch's micro-batches (indices into rows): shuffled by seed + epoch, similar lengths together."""
     order = list(range(len(rows)))
-    random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-    window = cfg.micro_batch * 16
+    random.Random(seed * 1000 + epoch).shuffle(order)
     batches = []
-    for w in range(0, len(order), window):  # sort within windows so an epoch still mixes
-        chunk = sorted(order[w:w + window], key=lambda i: len(rows[i]["input_ids"]))
-        batches += [chunk[i:i + cfg.micro_batch] for i in range(0, len(chunk) - cfg.micro_batch + 1, cfg.micro_batch)]
-    random.Random(cfg.seed * 1000 + epoch + 1).shuffle(batches)
+    for chunk in sorted_windows(order, [len(r["input_ids"]) for r in rows], micro * 16):
+        batches += [chunk[i:i + micro] for i in range(0, len(chunk) - micro + 1, micro)]
+    random.Random(seed * 1000 + epoch + 1).shuffle(batches)
     return batches
 
 
-def _batch(rows: list[dict[str, Any]], idx: list[int], cfg: TrainConfig, method: str, device: torch.device):
-    b = collate([rows[i] for i in idx], method, cfg.model.max_depth, cfg.metric)
-    return {k: v.to(device) for k, v in b.items()}
-
-
-def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
-              cfg: TrainConfig, hooks: Hooks, rank: int, world: int, device: torch.device,
-              total_train_rows: int) -> dict[str, float]:
+def run_stage(model: TaHForCausalLM, stage: str, method: str, train_rows: list[dict[str, Any]],
+              val_rows: list[dict[str, Any]], cfg: OptimConfig, hooks: Hooks, rank: int, world: int,
+              device: torch.device, total_train_rows: int, metric: str = "mismatch", seed: int = 0
+              ) -> dict[str, float]:
     """Train one stage on this worker's share of the rows (of `total_train_rows` over all workers;
-    the caller assigns shares); returns the last metrics."""
+    the caller assigns shares); returns the last metrics. `method` (standard | always_think | tah)
+    sets the depths the rows run at; `metric` is the oracle's (see tah.oracle.row_depths)."""
     import deepspeed
 
-    method = "tah" if stage == "stage2" else cfg.method
+    method = "tah" if stage == "stage2" else method
+    max_depth = model.config.max_depth
+    accum = cfg.grad_accum(world)
+
+    def to_device(idx: list[int], rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        b = collate([rows[i] for i in idx], method, max_depth, metric)
+        return {k: v.to(device) for k, v in b.items()}
+
     model.set_trainable({"standard": "standard", "stage1": "stage1", "stage2": "stage2"}[stage])
     model.to(device)
     mine = train_rows[: total_train_rows // world]  # equal counts on every worker: collectives need them
     val_mine = val_rows
-    per_epoch = len(mine) // cfg.micro_batch // cfg.grad_accum
+    per_epoch = len(mine) // cfg.micro_batch // accum
     if per_epoch == 0:
         raise ValueError(f"{total_train_rows} samples are too few for global_batch={cfg.global_batch}")
     epochs = cfg.stage2_epochs if stage == "stage2" else cfg.epochs
@@ -115,8 +159,8 @@ def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]
                                            config=deepspeed_config(cfg, world))
     weight = None
     if stage == "stage2":  # stop/continue counts summed over every worker's rows: one value everywhere
-        b = collate(mine, "tah", cfg.model.max_depth, cfg.metric)
-        counts = stop_continue_counts(b["depths"], b["positions"], cfg.model.max_depth)
+        b = collate(mine, "tah", max_depth, metric)
+        counts = stop_continue_counts(b["depths"], b["positions"], max_depth)
         torch.distributed.all_reduce(counts)
         weight = pos_weight(counts)
 
@@ -155,8 +199,7 @@ def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]
         tot = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             for i in range(0, len(val_mine), cfg.micro_batch):
-                loss, _ = forward(_batch(val_mine, list(range(i, min(i + cfg.micro_batch, len(val_mine)))), cfg,
-                                         method, device))
+                loss, _ = forward(to_device(list(range(i, min(i + cfg.micro_batch, len(val_mine)))), val_mine))
                 tot += torch.tensor([float(loss), 1.0], dtype=torch.float64)
         torch.distributed.all_reduce(tot)
         engine.train()
@@ -167,16 +210,16 @@ def run_stage(model: TaHForCausalLM, stage: str, train_rows: list[dict[str, Any]
     t0, tokens, hard, seen = time.time(), 0, 0, 0
     while step < total:
         epoch, in_epoch = divmod(step, per_epoch)
-        batches = _micro_batches(mine, cfg, epoch)[in_epoch * cfg.grad_accum:]
-        for m, idx in enumerate(batches[: (per_epoch - in_epoch) * cfg.grad_accum]):
-            b = _batch(mine, idx, cfg, method, device)
+        batches = _micro_batches(mine, cfg.micro_batch, seed, epoch)[in_epoch * accum:]
+        for m, idx in enumerate(batches[: (per_epoch - in_epoch) * accum]):
+            b = to_device(idx, mine)
             loss, extra = forward(b)
             engine.backward(loss)
             engine.step()
             tokens += int(b["attention_mask"].sum())
             seen += int(b["positions"].sum())
             hard += int(((b["depths"] > 1) & b["positions"]).sum())
-            if (m + 1) % cfg.grad_accum:
+            if (m + 1) % accum:
                 continue
             step += 1
             metrics = {"stage": {"standard": 0, "stage1": 1, "stage2": 2}[stage], "step": step, "loss": float(loss),

@@ -1,0 +1,40 @@
+"""Helpers the test modules share (a tiny TaH model beside its HF twin, padded batches); tests import
+from here, never from another test file.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from tah import TaHConfig, TaHForCausalLM
+from tah.testing import randomize_lora, tiny_llama, tiny_qwen3
+
+BUILDERS = {"qwen3": tiny_qwen3, "llama": tiny_llama}
+
+
+def make(arch: str = "qwen3", lora: bool = True, **cfg) -> tuple[TaHForCausalLM, torch.nn.Module]:
+    hf = BUILDERS[arch]()
+    ref = copy.deepcopy(hf)
+    cfg.setdefault("lora", {"r": 4, "alpha": 8, "dropout": 0.0})
+    cfg.setdefault("decider", {"width": 32, "blocks": 2, "dropout": 0.0})
+    from tah.config import from_dict
+
+    model = TaHForCausalLM.from_backbone(hf, from_dict(TaHConfig, cfg)).eval()
+    if lora:
+        randomize_lora(model, scale=0.2)
+    return model, ref
+
+
+def batch(B: int = 3, T: int = 14, vocab: int = 300, padding: str = "left", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(1, B):  # row 0 full, others padded by a different amount
+        n = 2 * b + 1
+        if padding == "left":
+            mask[b, :n] = 0
+        else:
+            mask[b, T - n:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
