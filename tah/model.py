@@ -35,6 +35,7 @@ from . import storage
 from .attention import ATTN_IMPLEMENTATION
 from .cache import PackedKV, TaHCache
 from .config import TaHConfig
+from .convert import resolve_checkpoint
 from .decider import IterationDecider, default_decider_layers
 
 if TYPE_CHECKING:
@@ -477,6 +478,7 @@ class TaHForCausalLM(nn.Module):
         if storage.is_s3(path) and not storage.is_published(str(path), TAH_CONFIG_NAME):
             raise FileNotFoundError(f"{path} is not a TaH checkpoint (no {TAH_CONFIG_NAME})")
         path = Path(storage.local_copy(str(path)))
+        path = Path(resolve_checkpoint(path))  # the authors' v1 checkpoints: converted once, cached
         if not (path / TAH_CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} is not a TaH checkpoint (no {TAH_CONFIG_NAME})")
         config = TaHConfig.load_json(path / TAH_CONFIG_NAME)

@@ -280,10 +280,17 @@ def test_grade_many_deadline_per_item_and_worker_replaced(monkeypatch):
 
 
 def test_extraction_is_linear_on_hostile_responses():
-    for text in ["\\boxed{" * 100_000, "\\boxed{" + "{" * 200_000, ("\\boxed{x}" + "}" * 10) * 20_000]:
+    from tah.eval.grading import extract_choice, extract_code, extract_math
+
+    hostile = ["\\boxed{" * 100_000, "\\boxed{" + "{" * 200_000, ("\\boxed{x}" + "}" * 10) * 20_000,
+               "answer" + " " * 200_000, "answer is (" * 50_000, "A " * 100_000 + "x", "(" * 200_000,
+               "```\n" * 50_000, "```python\n" + "x" * 200_000, "1" * 100_000 + "/" + "2" * 100_000,
+               "-1." * 70_000]
+    for text in hostile:
         t = time.monotonic()
-        last_boxed(text)
-        assert time.monotonic() - t < 1.0   # quadratic would take minutes here
+        for extract in (last_boxed, extract_choice, extract_code, extract_math):
+            extract(text)
+        assert time.monotonic() - t < 2.0, text[:20]   # quadratic would take minutes here
     assert last_boxed("\\boxed{" * 1000 + "\\boxed{7}") == "7"
     assert last_boxed("a \\boxed{1} b \\boxed{2") == "1"
 

@@ -63,3 +63,27 @@ def test_shipped_assets_are_package_data():
         assert Path(p).is_dir() and Path(p).is_relative_to(root)
     assert (Path(shipped_base_model()) / "model.safetensors").is_file()
     assert (Path(shipped_task()) / "math" / "test-00000-of-00001.jsonl").is_file()
+
+
+def test_an_installed_wheel_finds_its_assets(tmp_path):
+    """The wheel carries the shipped task, tokenizer, base model and recipes, and an installed copy
+    (not the source tree) finds them through tah.assets."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(root)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"tah/assets/tiny-base/model.safetensors", "tah/assets/tinytask/tokenizer/tokenizer.json",
+            "tah/assets/tinytask/math/test-00000-of-00001.jsonl", "jobs/configs/tiny.yaml"} <= names
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    probe = ("import tah, tah.assets as a, json, pathlib; "
+             "print(json.dumps([tah.__file__, a.shipped_task(), a.shipped_tokenizer(), a.shipped_base_model()]))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
+    paths = json.loads(out.stdout)
+    assert all(p.startswith(str(tmp_path / "site")) for p in paths), paths
+    assert all(Path(p).exists() for p in paths)
