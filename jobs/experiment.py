@@ -133,7 +133,8 @@ def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: fl
     tok_cols = ("method", "token_acc_depth1", "token_acc_decider", "token_acc_oracle")
     md = [f"# Results: {cfg.output} (seed {cfg.seed}, {seconds / 60:.1f} min)", "",
           f"Held-out split of `{cfg.source}`, pass@1 over {cfg.eval.n_samples} sample(s), temperature "
-          f"{cfg.eval.temperature}. Reproduce: `python jobs/train.py --config <this recipe> seed={cfg.seed}`.", "",
+          f"{cfg.eval.sampling.temperature}. Reproduce: `python jobs/experiment.py --config <this recipe> "
+          f"seed={cfg.seed}`.", "",
           markdown_table(rows, cols)]
     tok_rows = [r for r in rows if "token_acc_oracle" in r]
     if tok_rows:

@@ -29,13 +29,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jobs.common import absolute_local, init_ray, parse  # (first: sets Ray's loopback switch before ray is imported)
 from jobs.eval import EvalConfig, worker_args
 from jobs.train import TrainConfig
+from tah.config import check_choices
 
-KINDS = ("threshold", "train")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class AshaSettings:
 class SweepConfig:
     """jobs/sweep.py: a grid of trials, each evaluated on the same problems."""
 
-    kind: str = "threshold"
+    kind: Literal["threshold", "train"] = "threshold"
     """threshold (evaluation only) | train (LoRA rank x pruned layer x lr: train then evaluate)."""
     name: str = "sweep"
     output: str = "runs/sweep"
@@ -69,8 +69,8 @@ class SweepConfig:
     """kind=train: the template recipe every trial starts from (method tah)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Problems, sampling and engine settings for every trial."""
-    select: str = "accuracy"
-    """The metric that picks the best trial: accuracy (max) or val_loss / token_loss (min)."""
+    select: Literal["accuracy", "val_loss"] = "accuracy"
+    """The metric that picks the best trial: accuracy (max) or val_loss (min)."""
     max_concurrent_trials: int = 1
     cpus_per_trial: float = 1.0
     """Threshold trials' engine; train trials take none (their Train workers hold the resources)."""
@@ -78,8 +78,7 @@ class SweepConfig:
     asha: AshaSettings = field(default_factory=AshaSettings)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        check_choices(self)
         if self.kind == "threshold" and not self.thresholds:
             raise ValueError("kind=threshold needs at least one value in thresholds")
         if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
@@ -88,8 +87,6 @@ class SweepConfig:
             raise ValueError(f"kind=train sweeps TaH: train.method must be tah, got {self.train.method!r}")
         if any(r < 1 for r in self.lora_ranks) or any(p < -2 for p in self.prune_layers):
             raise ValueError("lora_ranks must be >= 1 and prune_layers >= -2 (-1: no pruning, -2: by perplexity)")
-        if self.select not in ("accuracy", "val_loss"):
-            raise ValueError(f"select must be accuracy or val_loss, got {self.select!r}")
 
 
 def grid(cfg: SweepConfig) -> list[dict[str, Any]]:

@@ -245,7 +245,8 @@ def test_threshold_is_reconfigured_live(server):
     client = _client(server)
     kw = dict(model="tah", prompt="Think about 5 * 9.", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     for thr, expect in ((1.0, 0), (0.0, 12)):
-        serve.run(deployment(replace(server["cfg"], threshold=thr)), name="tah", route_prefix="/")
+        cfg = replace(server["cfg"], engine=replace(server["cfg"].engine, threshold=thr))
+        serve.run(deployment(cfg), name="tah", route_prefix="/")
         assert client.completions.create(**kw).usage.model_dump()["iterated_tokens"] == expect
     serve.run(deployment(server["cfg"]), name="tah", route_prefix="/")
 
