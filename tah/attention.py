@@ -1,7 +1,9 @@
 """Duo-causal attention: the mask rule and its backends, plugged into HF's AttentionInterface
 (through tah/hf_adapter.py).
 
-Query (i, d) may attend to key (j, k) iff j <= i, k <= d and token j ran depth k. TaH runs one depth at
+Query (i, d) may attend to key (j, k) iff j <= i, k <= d and token j ran depth k (the variants of
+`TaHConfig.depth_attention` narrow k; "first_self", TaH2's causal mode, lets a query see deeper keys
+only at its own position: `DuoCausalSpec.k_self_only`). TaH runs one depth at
 a time, and the key set handed to a depth-d call holds only depths the rule allows (see tah/cache.py),
 so inside one call the rule reduces to *position causality + key existence*:
 
@@ -67,6 +69,9 @@ class DuoCausalSpec:
     """(B, Tq) optional sample id of packed rows; attention never crosses sample boundaries."""
     k_segment: torch.Tensor | None = None
     """(B, Tk) sample ids of the keys (with q_segment)."""
+    k_self_only: torch.Tensor | None = None
+    """(B, Tk) bool, depth_attention="first_self" only: keys a query sees only at its own position
+    (the token's own deeper keys); None: no such keys."""
     counts: Counter = field(default_factory=Counter)
     """Path name -> number of layer calls that took it."""
     _block_mask: Any = None
@@ -74,6 +79,8 @@ class DuoCausalSpec:
     def dense_mask(self) -> torch.Tensor:
         """(B, 1, Tq, Tk) bool: the explicit visibility matrix (reference path, tests)."""
         allowed = self.k_valid[:, None, :] & (self.k_pos[:, None, :] <= self.q_pos[:, :, None])
+        if self.k_self_only is not None:
+            allowed = allowed & (~self.k_self_only[:, None, :] | (self.k_pos[:, None, :] == self.q_pos[:, :, None]))
         if self.q_segment is not None:
             allowed = allowed & (self.k_segment[:, None, :] == self.q_segment[:, :, None])
             # Padding queries have no segment match; let them see all valid keys (output discarded).
@@ -133,7 +140,7 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: Duo
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                              dropout_p=dropout, enable_gqa=gqa)
         return out, "sdpa:is_causal"
-    if spec.all_keys_precede and spec.q_segment is None:
+    if spec.all_keys_precede and spec.q_segment is None and spec.k_self_only is None:
         mask = None if bool(spec.k_valid.all()) else spec.k_valid[:, None, None, :]  # (B, 1, 1, Tk)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                              dropout_p=dropout, enable_gqa=gqa)
@@ -165,10 +172,12 @@ def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: Duo
         _COMPILED_FLEX = torch.compile(flex_attention)
     if spec._block_mask is None:
         q_pos, k_pos, k_valid = spec.q_pos, spec.k_pos, spec.k_valid
-        q_seg, k_seg = spec.q_segment, spec.k_segment
+        q_seg, k_seg, k_self = spec.q_segment, spec.k_segment, spec.k_self_only
 
         def mask_mod(b, h, q_idx, kv_idx):
             ok = k_valid[b, kv_idx] & (k_pos[b, kv_idx] <= q_pos[b, q_idx])
+            if k_self is not None:
+                ok = ok & (~k_self[b, kv_idx] | (k_pos[b, kv_idx] == q_pos[b, q_idx]))
             if q_seg is not None:
                 ok = ok & (k_seg[b, kv_idx] == q_seg[b, q_idx])
             return ok

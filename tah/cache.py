@@ -35,6 +35,8 @@ def visible_depths(depth: int, depth_attention: str) -> tuple[int, int]:
         return depth, depth
     if depth_attention == "first":  # Causal@iter1 ablation: every depth reads depth-1 keys only
         return 1, 1
+    if depth_attention == "first_self":  # TaH2 "causal": depth-1 keys + the token's own deeper keys
+        return 1, depth
     raise ValueError(f"unknown depth_attention {depth_attention!r}")
 
 
@@ -90,9 +92,12 @@ class PackedKV:
         if q_segment is not None:
             self.seg[depth] = self._full(q_segment, rows, -1)
             k_segment = torch.cat([sel(self.seg[j]) for j in range(lo, hi + 1)], dim=1)
+        k_self = None
+        if self.depth_attention == "first_self" and hi > 1:
+            k_self = torch.cat([torch.full_like(sel(self.valid[j]), j > 1) for j in range(lo, hi + 1)], dim=1)
         spec = DuoCausalSpec(q_pos=_query_pos(q_pos, q_valid), k_pos=k_pos, k_valid=k_valid,
                              backend=backend, causal=(lo == hi == depth), counts=counts,
-                             q_segment=q_segment, k_segment=k_segment)
+                             q_segment=q_segment, k_segment=k_segment, k_self_only=k_self)
         return _PackedView(self, depth, rows, spec, (lo, hi), sel)
 
 
@@ -221,10 +226,14 @@ class TaHCache:
         k_pos = self.pos[:n, lo - 1:hi, :w].reshape(n, n_vis * w)
         if rows is not None:
             k_valid, k_pos = k_valid.index_select(0, rows), k_pos.index_select(0, rows)
+        k_self = None
+        if self.depth_attention == "first_self" and hi > 1:
+            deep = torch.arange(lo, hi + 1, device=self.device)[:, None] > 1  # (n_vis, 1)
+            k_self = deep.expand(n_vis, w).reshape(1, n_vis * w).expand(k_valid.shape[0], -1)
         # A single new token per row sees every cached key that exists: no positional mask needed.
         # (Not true of one depth-2 query inside a chunk: that chunk's later depth-1 keys exist too.)
         spec = DuoCausalSpec(q_pos=_query_pos(q_pos, q_valid), k_pos=k_pos, k_valid=k_valid,
-                             backend=backend, all_keys_precede=single_step, counts=counts)
+                             backend=backend, all_keys_precede=single_step, counts=counts, k_self_only=k_self)
         return _CacheView(self, depth, rows, row_ids[bi], bi, qi, slots, spec, (lo, hi))
 
 
@@ -248,9 +257,13 @@ class TaHCache:
             allowed = kd <= d0[:, None]
         elif self.depth_attention == "current":
             allowed = kd == d0[:, None]
-        else:  # "first"
+        else:  # "first" (and the depth-1 keys of "first_self")
             allowed = (kd == 0).expand(n, n_vis)
-        spec = MixedDecodeSpec(k_valid=exists & allowed[:, :, None], counts=counts)
+        allowed = allowed[:, :, None]
+        if self.depth_attention == "first_self":  # + the row's own deeper keys (its own position)
+            same = self.pos[:n, :n_vis, :w] == q_pos[:, None, None]
+            allowed = allowed | ((kd <= d0[:, None])[:, :, None] & same)
+        spec = MixedDecodeSpec(k_valid=exists & allowed, counts=counts)
         return _MixedView(self, r, d0, slot, n_vis, spec)
 
 

@@ -29,7 +29,10 @@ import yaml
 T = TypeVar("T")
 
 AttnBackend = Literal["auto", "reference", "sdpa", "flex", "flash"]
-DepthAttention = Literal["duo_causal", "current", "first"]
+DepthAttention = Literal["duo_causal", "current", "first", "first_self"]
+InputRule = Literal["soft_topk", "updater"]
+Combine = Literal["logit_residual", "stop_prob_mix", "even_mix"]
+DeciderKind = Literal["v1", "tah2"]
 ATTN_BACKENDS = typing.get_args(AttnBackend)
 DEPTH_ATTENTION = typing.get_args(DepthAttention)
 
@@ -78,6 +81,40 @@ class DeciderSettings:
 
 
 @dataclass
+class Tah2DeciderSettings:
+    """TaH2's decider (decider_kind="tah2"): token embedding + last hidden state + top-k probabilities
+    of the depth's own logits -> SwiGLU MLP -> continuation logit (tah/decider.py:Tah2Decider)."""
+
+    intermediate_size: int | None = None
+    """Inner width of its SwiGLU MLP (None = the backbone's hidden size; 2048 in the 1.7B recipe)."""
+    topk: int | None = None
+    """How many top probabilities it reads (None = the hidden size; the authors' norm_l has the
+    hidden size, so their checkpoints need topk == hidden size)."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of its RMSNorms."""
+
+    def __post_init__(self) -> None:
+        if (self.intermediate_size is not None and self.intermediate_size < 1) or (
+                self.topk is not None and self.topk < 1):
+            raise ValueError(f"bad tah2_decider sizes: {self}")
+
+
+@dataclass
+class UpdaterSettings:
+    """TaH2's input updater (input_rule="updater"): x = norm_out(SwiGLU(norm_pre_mlp(W_p [norm_prev(e);
+    norm_last(h)]))) from the token embedding e and the last hidden state h of the previous depth."""
+
+    intermediate_size: int | None = None
+    """Inner width of the SwiGLU MLP (None = the backbone's hidden size; 2048 in the 1.7B recipe)."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of the updater's RMSNorms."""
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise ValueError(f"updater.intermediate_size must be >= 1, got {self.intermediate_size}")
+
+
+@dataclass
 class TaHConfig:
     """What turns an HF causal LM into a TaH model (saved beside the checkpoint as tah_config.json)."""
 
@@ -90,9 +127,25 @@ class TaHConfig:
     attn_backend: AttnBackend = "auto"
     """Duo-causal attention backend: auto | reference | sdpa | flex | flash (see tah/attention.py)."""
     depth_attention: DepthAttention = "duo_causal"
-    """Which depths a query sees: duo_causal (all <= its own), current (AlwaysThink), first."""
+    """Which keys a query (i, d) sees (key (j, k) exists and j <= i, and): duo_causal k <= d (TaH's
+    and TaH2's "duo"); current k == d (AlwaysThink); first k == 1; first_self k == 1 or (j == i and
+    k <= d) (TaH2's "causal": depth-1 keys plus the token's own deeper keys)."""
+    input_rule: InputRule = "soft_topk"
+    """Input of depth d >= 2: soft_topk (v1: softmax of the top-k cumulative logits weighting embedding
+    rows) | updater (TaH2: updater(token embedding, last hidden state of depth d - 1))."""
+    combine: Combine = "logit_residual"
+    """How depths combine into the output: logit_residual (v1: logits summed over depths) |
+    stop_prob_mix (TaH2: probabilities mixed with weights from the decider's continue probabilities)
+    | even_mix (equal weights over the executed depths). With a mixture, `logits` are log-probs."""
+    decider_kind: DeciderKind = "v1"
+    """v1: chosen layers' hidden states + top-k cumulative logits, residual MLP | tah2: token
+    embedding + last hidden state + top-k probabilities of the depth's own logits, SwiGLU MLP."""
+    depth_lora: bool = True
+    """A LoRA adapter active at depths >= 2 (v1); False: no peft wrapping at all (TaH2)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     decider: DeciderSettings = field(default_factory=DeciderSettings)
+    tah2_decider: Tah2DeciderSettings = field(default_factory=Tah2DeciderSettings)
+    updater: UpdaterSettings = field(default_factory=UpdaterSettings)
 
     def __post_init__(self) -> None:
         if self.max_depth < 1:
@@ -102,6 +155,17 @@ class TaHConfig:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         check_choices(self)
+
+    @classmethod
+    def tah2(cls, max_depth: int = 2, **fields: Any) -> "TaHConfig":
+        """The TaH2 configuration (thu-nics/TaH `tah2/`, stop_prob_mix recipe): updater input, the TaH2
+        decider (threshold 0.5), probability mixture, no LoRA, duo attention. Fields override it,
+        e.g. the fixed-depth variant: depth_attention="first_self", combine="even_mix"."""
+        base: dict[str, Any] = dict(max_depth=max_depth, input_rule="updater", combine="stop_prob_mix",
+                                    decider_kind="tah2", depth_lora=False, threshold=0.5,
+                                    depth_attention="duo_causal")
+        base.update({k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in fields.items()})
+        return from_dict(cls, base)  # nested settings may be given as mappings, as in recipes
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -62,3 +62,41 @@ class IterationDecider(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x)).squeeze(-1)  # (...)
+
+
+class Tah2Decider(nn.Module):
+    """TaH2's decider (shared by every depth, no depth input): continuation logit after depth d from
+    the token embedding e, the last hidden state h^(d) (after the final norm) and depth d's own logits z_d.
+
+        f = norm_first(e); h = norm_last(h^(d)); l = norm_l(topk(softmax(z_d), k).values)  (sorted,
+        zero-padded to k when the vocabulary is smaller); x = input_proj([f; h; l]) (3H -> H);
+        x = norm_out(SwiGLU(x)); logit = score(x) (H -> 1)
+
+    norm_l has size k, so the authors' checkpoints have k == H. Parameter names are theirs
+    (`norm_first/norm_last/norm_l/norm_out.weight`, `input_proj.weight`, `mlp.*`, `score.weight`)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, topk: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        from .updater import RMSNorm, SwiGLU
+
+        self.topk = topk
+        self.norm_first = RMSNorm(hidden_size, eps)
+        self.norm_last = RMSNorm(hidden_size, eps)
+        self.norm_l = RMSNorm(topk, eps)
+        self.input_proj = nn.Linear(2 * hidden_size + topk, hidden_size, bias=False)
+        self.mlp = SwiGLU(hidden_size, intermediate_size)
+        self.norm_out = RMSNorm(hidden_size, eps)
+        self.score = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=0.01)  # the authors' init: starts near p = 0.5
+
+    def forward(self, embeds: torch.Tensor, last_hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """embeds, last_hidden (..., H); logits (..., V) of this depth alone -> decider logits (...)."""
+        dtype = self.input_proj.weight.dtype
+        k = min(self.topk, logits.shape[-1])
+        wide = logits if logits.dtype == torch.float64 else logits.float()
+        probs = torch.softmax(wide, dim=-1).topk(k, dim=-1).values.to(dtype)
+        if k < self.topk:
+            probs = torch.nn.functional.pad(probs, (0, self.topk - k))
+        x = torch.cat([self.norm_first(embeds.to(dtype)), self.norm_last(last_hidden.to(dtype)),
+                       self.norm_l(probs)], dim=-1)
+        return self.score(self.norm_out(self.mlp(self.input_proj(x)))).squeeze(-1)

@@ -145,6 +145,9 @@ class Engine:
 
     def __init__(self, model: TaHForCausalLM, config: EngineConfig | None = None,
                  eos_token_ids: list[int] | None = None) -> None:
+        c = model.config
+        if c.max_depth >= 2 and (c.input_rule, c.combine, c.decider_kind) != ("soft_topk", "logit_residual", "v1"):
+            raise NotImplementedError("the engine serves the v1 configuration; decode TaH2 with tah.generate")
         self.model = model.eval()
         self.config = config or EngineConfig()
         self.eos = set(eos_token_ids or [])

@@ -8,6 +8,11 @@ packed to the left of each row, attending under the duo-causal rule (tah/attenti
 per-depth K/V (tah/cache.py). Only what differs from the HF model is written here: the backbone's
 own modules (embedding, rotary, layers, norm, lm_head) run unchanged.
 
+That is v1, the default `TaHConfig`. TaH2 (`TaHConfig.tah2(max_depth=M)`) is the same loop with other
+choices: depth d + 1's input is `updater(token embedding, depth d's last hidden state)` (tah/updater.py),
+no LoRA, the TaH2 decider after every depth < M, and the output a log-space mixture of each depth's own
+probabilities with stop-probability (or even) weights instead of summed logits.
+
     python -m tah.demo            # builds a tiny model, mixed depths, generation
     from tah import TaHConfig, TaHForCausalLM
     model = TaHForCausalLM.from_backbone(hf_model, TaHConfig(max_depth=2))
@@ -36,13 +41,15 @@ from .attention import ATTN_IMPLEMENTATION
 from .cache import PackedKV, TaHCache
 from .config import TaHConfig
 from .convert import resolve_checkpoint
-from .decider import IterationDecider, default_decider_layers
+from .decider import IterationDecider, Tah2Decider, default_decider_layers
+from .updater import InputUpdater
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
 TAH_CONFIG_NAME = "tah_config.json"
 DECIDER_NAME = "decider.safetensors"
+UPDATER_NAME = "updater.safetensors"
 LORA_DIR = "lora"
 STAGES = ("all", "stage1", "stage2", "standard", "frozen")
 
@@ -52,13 +59,16 @@ class TaHOutput:
     """What a TaH forward returns (HF-style attribute access)."""
 
     logits: torch.Tensor | None
-    """(B, T, V) final logits: sum of the logits of every depth the token ran (None if not asked for)."""
+    """(B, T, V) final logits: with combine="logit_residual" (v1) the sum of the logits of every depth
+    the token ran; with a mixture (TaH2) the mixture's log-probabilities in fp32. Zeros at padding;
+    None if not asked for."""
     depths: torch.Tensor
     """(B, T) long: the depth each token ran (0 for padding)."""
     decider_logits: torch.Tensor | None = None
     """(B, T, max_depth - 1): decider logit after depth d at [..., d - 1], where depths >= d."""
     loss: torch.Tensor | None = None
-    """Next-token cross-entropy of the final logits, averaged once over the target tokens."""
+    """Next-token cross-entropy of the final logits (of the mixture, for TaH2), averaged once over
+    the target tokens."""
 
 
 class _Layout:
@@ -91,6 +101,11 @@ class _Layout:
         return packed[self.bi, self.qi]
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 at least (fp64 stays fp64): the precision the mixture and decider outputs use."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def soft_embedding(topk_values: torch.Tensor, topk_indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(N, k) top cumulative logits and their token ids -> (N, H) softmax-weighted embedding rows.
 
@@ -111,7 +126,7 @@ class TaHForCausalLM(nn.Module):
         hf.set_attn_implementation(backbone, ATTN_IMPLEMENTATION)
         num_layers = backbone.config.num_hidden_layers
         peft_model: PeftModel | None = None
-        if config.max_depth >= 2:
+        if config.max_depth >= 2 and config.depth_lora:
             if lora_path is not None:
                 peft_model = hf.load_lora(backbone, lora_path)
             else:
@@ -128,11 +143,21 @@ class TaHForCausalLM(nn.Module):
             raise ValueError(f"decider.layers {self.decider_layers} outside 0..{num_layers}")
         vocab = backbone.get_input_embeddings().weight.shape[0]
         self.topk = min(config.soft_input_topk, vocab)
-        self.decider: IterationDecider | None = None
-        if config.max_depth >= 2:
-            w = backbone.get_input_embeddings().weight
-            self.decider = IterationDecider(backbone.config.hidden_size, len(self.decider_layers), self.topk,
+        self.decider: IterationDecider | Tah2Decider | None = None
+        self.updater: InputUpdater | None = None
+        hidden = backbone.config.hidden_size
+        w = backbone.get_input_embeddings().weight
+        if config.max_depth >= 2 and config.decider_kind == "v1":
+            self.decider = IterationDecider(hidden, len(self.decider_layers), self.topk,
                                             config.decider).to(device=w.device, dtype=w.dtype)
+        elif config.max_depth >= 2:
+            self.decider_layers = []  # the TaH2 decider reads the embedding and the last hidden state
+            t2 = config.tah2_decider
+            self.decider = Tah2Decider(hidden, t2.intermediate_size or hidden, t2.topk or hidden,
+                                       t2.rms_norm_eps).to(device=w.device, dtype=w.dtype)
+        if config.max_depth >= 2 and config.input_rule == "updater":
+            self.updater = InputUpdater(hidden, config.updater.intermediate_size or hidden,
+                                        config.updater.rms_norm_eps).to(device=w.device, dtype=w.dtype)
         self.threshold = config.threshold
         self.attention_paths: Counter = Counter()
         self.set_trainable("all")
@@ -170,17 +195,20 @@ class TaHForCausalLM(nn.Module):
             out["lora" if hf.is_lora_param(name) else "backbone"].append(p)
         if self.decider is not None:
             out["decider"] = list(self.decider.parameters())
+        if self.updater is not None:
+            out["updater"] = list(self.updater.parameters())
         return out
 
     def set_trainable(self, stage: str) -> None:
         """Which parameters get gradients.
 
-        all: everything; stage1: backbone + LoRA (peft freezes the backbone by default -- undone here),
-        decider frozen; stage2: decider only; standard: backbone only; frozen: nothing.
+        all: everything; stage1: backbone + LoRA + updater (peft freezes the backbone by default --
+        undone here), decider frozen; stage2: decider only; standard: backbone only; frozen: nothing.
         """
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        on = {"all": {"backbone", "lora", "decider"}, "stage1": {"backbone", "lora"}, "stage2": {"decider"},
+        on = {"all": {"backbone", "lora", "decider", "updater"}, "stage1": {"backbone", "lora", "updater"},
+              "stage2": {"decider"},
               "standard": {"backbone"}, "frozen": set()}[stage]
         for comp, params in self.components().items():
             for p in params:
@@ -277,18 +305,24 @@ class TaHForCausalLM(nn.Module):
             thr = thr.to(device=dev, dtype=torch.float32).expand(B)
         store = past_key_values if past_key_values is not None else PackedKV(self.num_layers, B,
                                                                                self.config.depth_attention)
-        need_decider = self.decider is not None and (depths is None or return_decider_logits)
+        cfg = self.config
+        mix = cfg.combine != "logit_residual"  # TaH2: each depth keeps its own logits, mixed at the end
+        tah2_dec = cfg.decider_kind == "tah2"
+        need_decider = self.decider is not None and (depths is None or return_decider_logits
+                                                     or cfg.combine == "stop_prob_mix")
         keep = set(self.decider_layers) if need_decider else set()
+        need_embeds = self.updater is not None or (need_decider and tah2_dec)
         emb = self.backbone.get_input_embeddings()
         flat_ids, flat_pos = input_ids.reshape(-1), position_ids.reshape(-1)
         flat_seg = segment_ids.reshape(-1) if segment_ids is not None else None
 
         flat = valid.reshape(-1).nonzero().squeeze(1)  # tokens running depth 1
         layouts: list[_Layout] = []
-        cum_lists: list[torch.Tensor] = []  # per depth: (N_d, V) cumulative logits, list order
+        cum_lists: list[torch.Tensor] = []  # per depth: (N_d, V) cumulative (v1) or own (mixture) logits
         dec_parts: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         conts: list[torch.Tensor] = []  # per depth: which of its tokens continue deeper
         topk_vals = topk_ids = prev_cum = None  # set at the end of depth d, read by depth d + 1
+        embeds = last_hidden = None  # (N_d, H) in list order: token embeddings, depth d's final hidden
         for d in range(1, D + 1):
             if flat.numel() == 0:
                 break
@@ -296,17 +330,26 @@ class TaHForCausalLM(nn.Module):
             q_pos = lay.pack(flat_pos[flat])
             if d == 1:
                 x = emb(lay.pack(flat_ids[flat]))  # (B_d, T_d, H)
+                if need_embeds:
+                    embeds = lay.unpack(x)
+            elif self.updater is not None:
+                x = lay.pack(self.updater(embeds, last_hidden))
             else:
                 x = lay.pack(soft_embedding(topk_vals, topk_ids, emb.weight))
             q_seg = lay.pack(flat_seg[flat]) if flat_seg is not None else None
             h, saved = self._run_depth(d, x, q_pos, lay, store, keep, q_seg)
             logits = lay.unpack(hf.decoder_parts(self.backbone).lm_head(h))  # (N_d, V)
-            cum = logits if d == 1 else prev_cum + logits
+            cum = logits if d == 1 or mix else prev_cum + logits
             layouts.append(lay)
             cum_lists.append(cum)
             if d == D:
                 break
-            if need_decider:
+            if need_embeds:
+                last_hidden = lay.unpack(h)
+            if need_decider and tah2_dec:
+                dec = self.decider(embeds, last_hidden, logits)  # (N_d,)
+                dec_parts.append((flat, d, dec))
+            elif need_decider:
                 top = cum.topk(self.topk, dim=-1)  # sorted values, (N_d, k)
                 dec = self.decider([lay.unpack(saved[i]) for i in self.decider_layers], top.values)  # (N_d,)
                 dec_parts.append((flat, d, dec))
@@ -316,8 +359,14 @@ class TaHForCausalLM(nn.Module):
                 cont = torch.sigmoid(dec.float()) > (thr[flat // T] if isinstance(thr, torch.Tensor) else thr)
             # Continuing tokens keep their list order, so a boolean mask carries everything over.
             conts.append(cont)
-            flat, prev_cum = flat[cont], cum[cont]
-            if need_decider:
+            flat = flat[cont]
+            if self.updater is not None:
+                embeds, last_hidden = embeds[cont], last_hidden[cont]
+                continue
+            if need_embeds:
+                embeds = embeds[cont]
+            prev_cum = cum[cont]
+            if need_decider and not tah2_dec:
                 topk_vals, topk_ids = top.values[cont], top.indices[cont]
             else:  # top-k only where the next depth needs it (~15% of tokens), not over all (N, V)
                 topk_vals, topk_ids = prev_cum.topk(self.topk, dim=-1)
@@ -325,21 +374,31 @@ class TaHForCausalLM(nn.Module):
         run_depth = torch.zeros(B * T, dtype=torch.long, device=dev)
         for d, lay in enumerate(layouts, start=1):
             run_depth[lay.flat] = d
-        if logits_at is not None:
+        log_w = self._mixture_log_weights(layouts, conts, dec_parts, run_depth) if mix else None
+        if mix and logits_at is not None:
+            want = torch.arange(B, device=dev) * T + logits_at
+            logits = self._mixture_logits(layouts, cum_lists, conts, log_w, B * T)[want]
+        elif mix:
+            logits = self._mixture_logits(layouts, cum_lists, conts, log_w, B * T).view(B, T, -1) \
+                if return_logits else None
+        elif logits_at is not None:
             logits = self._logits_at(layouts, cum_lists, torch.arange(B, device=dev) * T + logits_at, B * T)
         else:
             logits = self._assemble_logits(layouts, cum_lists, B * T).view(B, T, -1) if return_logits else None
         decider_logits = None
         if need_decider and D > 1:
-            decider_logits = torch.zeros(B * T, D - 1, dtype=torch.float32, device=dev)
+            dt = torch.float32 if not dec_parts else _wide(dec_parts[0][2]).dtype
+            decider_logits = torch.zeros(B * T, D - 1, dtype=dt, device=dev)
             for f, d, dec in dec_parts:
-                decider_logits = decider_logits.index_put((f, torch.full_like(f, d - 1)), dec.float())
+                decider_logits = decider_logits.index_put((f, torch.full_like(f, d - 1)), dec.to(dt))
             decider_logits = decider_logits.view(B, T, D - 1)
         loss = None
         if labels is not None:
             target = next_token_targets(labels, valid, segment_ids).reshape(-1)
             n = (target != -100).sum().clamp_min(1)
-            if logits is not None:
+            if mix:
+                loss = self._mixture_nll(layouts, cum_lists, conts, log_w, target) / n
+            elif logits is not None:
                 loss = F.cross_entropy(logits.reshape(B * T, -1).float(), target, ignore_index=-100, reduction="sum") / n
             else:
                 loss = self._depthwise_loss(layouts, cum_lists, conts, target) / n
@@ -361,6 +420,9 @@ class TaHForCausalLM(nn.Module):
         next step's pass together with the other rows' depth-1 tokens, so a step costs one pass of
         the weights however the rows' depths mix (tests check it against `forward`).
         """
+        if self.config.input_rule != "soft_topk" or self.config.combine != "logit_residual":
+            raise NotImplementedError("decode_step serves the v1 configuration (soft_topk, logit_residual); "
+                                      "decode TaH2 with forward(past_key_values=...) (tah.generate)")
         n = input_ids.shape[0]
         if n != cache.active:
             raise ValueError(f"{n} rows but the cache's active rows are {cache.active}")
@@ -424,6 +486,70 @@ class TaHForCausalLM(nn.Module):
             total = part if total is None else total + part
         return total
 
+    # ------------------------------------------------------------------ TaH2: mixture over depths
+    def _mixture_log_weights(self, layouts: list[_Layout], conts: list[torch.Tensor],
+                             dec_parts: list[tuple[torch.Tensor, int, torch.Tensor]],
+                             run_depth: torch.Tensor) -> list[torch.Tensor]:
+        """Per depth d, (N_d,) fp32 log w_d of its tokens.
+
+        stop_prob_mix: c_d = sigmoid(decider logit after d) in fp32, R_1 = 1, R_{d+1} = R_d c_d;
+        w_d = R_d (1 - c_d) where the token continues past d, R_d where it stops at d (also at the cap
+        M). Forced depths force only the stops: the weights still use each executed depth's c_d.
+        even_mix: w_d = 1 / (the token's executed depth count)."""
+        if self.config.combine == "even_mix":
+            dt = _wide(self.backbone.get_input_embeddings().weight).dtype
+            return [-torch.log(run_depth[lay.flat].to(dt)) for lay in layouts]
+        out = []
+        mass = None  # R_d of depth d's tokens
+        for d, lay in enumerate(layouts):
+            if mass is None:
+                mass = torch.ones(lay.flat.numel(), dtype=_wide(dec_parts[0][2]).dtype, device=lay.flat.device)
+            if d < len(conts):
+                c = torch.sigmoid(_wide(dec_parts[d][2]))
+                out.append(torch.log(torch.where(conts[d], mass * (1 - c), mass)))
+                mass = (mass * c)[conts[d]]
+            else:
+                out.append(torch.log(mass))
+        return out
+
+    @staticmethod
+    def _first_depth_index(layouts: list[_Layout], conts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per depth d, (N_d,) the index of each of its tokens in depth 1's list."""
+        idx = [torch.arange(layouts[0].flat.numel(), device=layouts[0].flat.device)]
+        for d in range(1, len(layouts)):
+            idx.append(idx[d - 1][conts[d - 1]])
+        return idx
+
+    def _mixture_logits(self, layouts: list[_Layout], own: list[torch.Tensor], conts: list[torch.Tensor],
+                        log_w: list[torch.Tensor], n: int) -> torch.Tensor:
+        """(B*T, V) fp32: logsumexp_d(log w_d + log_softmax(z_d)) per token (zeros at padding)."""
+        V = self.backbone.config.vocab_size
+        if not layouts:
+            return torch.zeros(n, V, dtype=torch.float32, device=self.backbone.get_input_embeddings().weight.device)
+        acc = log_w[0][:, None] + torch.log_softmax(_wide(own[0]), dim=-1)  # (N_1, V)
+        for idx, z, lw in zip(self._first_depth_index(layouts, conts)[1:], own[1:], log_w[1:]):
+            term = lw[:, None] + torch.log_softmax(_wide(z), dim=-1)
+            acc = acc.index_put((idx,), torch.logaddexp(acc[idx], term))
+        if layouts[0].identity:
+            return acc
+        return acc.new_zeros(n, acc.shape[-1]).index_copy(0, layouts[0].flat, acc)
+
+    def _mixture_nll(self, layouts: list[_Layout], own: list[torch.Tensor], conts: list[torch.Tensor],
+                     log_w: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """Summed -log p_mix(target) over the tokens with a target, gathering only the target's
+        log-probability per depth (no (N, V) mixture is assembled)."""
+        if not layouts:
+            return torch.zeros((), device=target.device)
+        t1 = target[layouts[0].flat]  # (N_1,)
+        has = t1 != -100
+        tgt = t1.clamp_min(0)
+        acc = None
+        for idx, z, lw in zip(self._first_depth_index(layouts, conts), own, log_w):
+            zf = _wide(z)
+            lp = lw + zf.gather(1, tgt[idx][:, None])[:, 0] - torch.logsumexp(zf, dim=-1)
+            acc = lp if acc is None else acc.index_put((idx,), torch.logaddexp(acc[idx], lp))
+        return -(acc[has]).sum()
+
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
@@ -434,7 +560,8 @@ class TaHForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, save_directory: str | Path, tokenizer: Any = None) -> None:
-        """Write an HF-loadable backbone, the peft adapter, the decider and tah_config.json atomically.
+        """Write an HF-loadable backbone, the peft adapter, the decider, the updater (TaH2) and
+        tah_config.json atomically.
 
         The directory is written under a temporary name and renamed into place, so a crash never
         leaves a half-written checkpoint where a complete one is expected. An s3:// target is written
@@ -457,10 +584,13 @@ class TaHForCausalLM(nn.Module):
             save_file(backbone_state_dict(self.backbone), tmp / "model.safetensors", metadata={"format": "pt"})
             if self._peft is not None:
                 hf.save_lora(self._peft, tmp / LORA_DIR)
-            if self.decider is not None:
-                save_file({k: v.detach().contiguous().cpu() for k, v in self.decider.state_dict().items()},
-                          tmp / DECIDER_NAME, metadata={"format": "pt"})
-            decider = dataclasses.replace(self.config.decider, layers=self.decider_layers)
+            for module, name in ((self.decider, DECIDER_NAME), (self.updater, UPDATER_NAME)):
+                if module is not None:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+                              tmp / name, metadata={"format": "pt"})
+            decider = self.config.decider
+            if self.config.decider_kind == "v1":
+                decider = dataclasses.replace(decider, layers=self.decider_layers)
             dataclasses.replace(self.config, decider=decider).save_json(tmp / TAH_CONFIG_NAME)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -490,14 +620,16 @@ class TaHForCausalLM(nn.Module):
         backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         if device is not None:
             backbone = backbone.to(device)
-        lora = path / LORA_DIR if config.max_depth >= 2 and (path / LORA_DIR).is_dir() else None
-        if config.max_depth >= 2 and lora is None:
+        wants_lora = config.max_depth >= 2 and config.depth_lora
+        lora = path / LORA_DIR if wants_lora and (path / LORA_DIR).is_dir() else None
+        if wants_lora and lora is None:
             raise FileNotFoundError(f"{path}: max_depth={config.max_depth} but no {LORA_DIR}/ adapter saved")
         model = cls(backbone, config, lora_path=lora)
-        if model.decider is not None:
-            if not (path / DECIDER_NAME).is_file():
-                raise FileNotFoundError(f"{path}: no {DECIDER_NAME}")
-            model.decider.load_state_dict(load_file(path / DECIDER_NAME, device=str(model.decider.head.weight.device)))
+        for module, name in ((model.decider, DECIDER_NAME), (model.updater, UPDATER_NAME)):
+            if module is not None:
+                if not (path / name).is_file():
+                    raise FileNotFoundError(f"{path}: no {name}")
+                module.load_state_dict(load_file(path / name, device=str(next(module.parameters()).device)))
         return model
 
 

@@ -85,6 +85,8 @@ def bruteforce_logits(model, input_ids: torch.Tensor, depths: torch.Tensor, dept
             mask = (kj <= qi) & (kd <= qd)
         elif depth_attention == "current":
             mask = (kj <= qi) & (kd == qd)
+        elif depth_attention == "first_self":  # TaH2's causal: depth 1, plus the token's own deeper keys
+            mask = (kj <= qi) & ((kd == 1) | ((kj == qi) & (kd <= qd)))
         else:  # "first"
             mask = (kj <= qi) & (kd == 1)
         for layer in model.backbone.model.layers:
@@ -95,3 +97,11 @@ def bruteforce_logits(model, input_ids: torch.Tensor, depths: torch.Tensor, dept
                 prev = cum.get((i, d - 1), 0)
                 cum[(i, d)] = prev + logits[idx[(i, d)]]
     return torch.stack([cum[(i, int(depths[i]))] for i in range(T)])
+
+
+def grid_forward(model, h: torch.Tensor, pos: torch.Tensor, node_depth: torch.Tensor, mask: torch.Tensor):
+    """The backbone's layers and final norm over N grid nodes with an explicit (N, N) bool mask:
+    h (N, H) inputs, pos (N,) position ids, node_depth (N,) -> (N, H) normed last hidden states."""
+    for layer in model.backbone.model.layers:
+        h = _layer(model, layer, h, pos, node_depth, mask)
+    return model.backbone.model.norm(h)
