@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,6 +53,8 @@ def quiet_console() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars of every checkpoint load
+    # transformers' deprecation notices about its own internals (tah/hf_adapter.py tracks them)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     import torch
 
     if not torch.cuda.is_available():  # what DeepSpeed would detect, without its warning about it
