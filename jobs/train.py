@@ -140,19 +140,25 @@ def _progress(metrics_jsonl: Path | None, label: str, every: float = 2.0) -> Ite
         yield
         return
     stop = threading.Event()
-    seen = sum(1 for _ in open(metrics_jsonl)) if metrics_jsonl.exists() else 0  # a resumed run's earlier lines
+    # Byte offset of what was already read (a resumed run's earlier lines are skipped): each poll
+    # reads only what rank 0 appended since, and only whole lines (the last may be half-written).
+    offset = metrics_jsonl.stat().st_size if metrics_jsonl.exists() else 0
 
     def follow() -> None:
-        nonlocal seen
+        nonlocal offset
         while True:
             done = stop.wait(every)
-            lines = metrics_jsonl.read_text().splitlines() if metrics_jsonl.exists() else []
-            for line in lines[seen:]:
-                m = json.loads(line)
-                if "val_loss" in m:
-                    print(f"[train] {label} step {m['step']} loss {m['loss']:.4f} val {m['val_loss']:.4f} "
-                          f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s", flush=True)
-            seen = len(lines)
+            if metrics_jsonl.exists():
+                with open(metrics_jsonl, "rb") as f:
+                    f.seek(offset)
+                    new = f.read()
+                whole = new[:new.rfind(b"\n") + 1]
+                offset += len(whole)
+                for line in whole.decode().splitlines():
+                    m = json.loads(line)
+                    if "val_loss" in m:
+                        print(f"[train] {label} step {m['step']} loss {m['loss']:.4f} val {m['val_loss']:.4f} "
+                              f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s", flush=True)
             if done:
                 return
 
