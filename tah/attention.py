@@ -150,29 +150,50 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: Duo
     return out, "sdpa:dense_mask"
 
 
-_COMPILED_FLEX: Any = None
+_COMPILED_FLEX: dict[bool, Any] = {}
+
+
+def _bucket(n: int) -> int:
+    """The padded length of a CPU flex call: the next power of two, at least 32."""
+    return max(32, 1 << (n - 1).bit_length())
+
+
+def _pad_to(x: torch.Tensor, dim: int, n: int, fill: float | bool | int = 0) -> torch.Tensor:
+    if x.shape[dim] == n:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n - x.shape[dim]
+    return torch.cat([x, x.new_full(shape, fill)], dim=dim)
 
 
 def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DuoCausalSpec,
           scaling: float, dropout: float) -> torch.Tensor:
-    """FlexAttention over a block mask built once per spec (shared by all layers of the depth)."""
-    global _COMPILED_FLEX
+    """FlexAttention over a block mask built once per spec (shared by all layers of the depth).
+
+    On CPU it is compiled with static shapes over lengths padded to power-of-two buckets (padding
+    keys do not exist, padding queries are dropped): Inductor's CPU flex template miscompiles once
+    Dynamo turns a recompile dynamic (`CppCompileError: 'cur_qSplitSize4' was not declared`, seen
+    with head_dim 64 at T = 48 after two other shapes), and buckets keep the static recompiles few."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if dropout > 0:
         raise ValueError("the flex attention backend does not support attention dropout")
-    if query.device.type == "cpu" and torch.is_grad_enabled() and (
-        query.requires_grad or key.requires_grad or value.requires_grad
-    ):
+    cpu = query.device.type == "cpu"
+    if cpu and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         raise RuntimeError(
             "attn_backend='flex' was asked for a backward pass on CPU, which FlexAttention does not "
             "support in this torch; use attn_backend='sdpa' (or 'auto') for CPU training"
         )
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention)
+    if cpu not in _COMPILED_FLEX:
+        _COMPILED_FLEX[cpu] = torch.compile(flex_attention, dynamic=False if cpu else None)
+    Tq, Tk = query.shape[2], key.shape[2]
+    Tq_b, Tk_b = (_bucket(Tq), _bucket(Tk)) if cpu else (Tq, Tk)
     if spec._block_mask is None:
-        q_pos, k_pos, k_valid = spec.q_pos, spec.k_pos, spec.k_valid
-        q_seg, k_seg, k_self = spec.q_segment, spec.k_segment, spec.k_self_only
+        q_pos = _pad_to(spec.q_pos, 1, Tq_b, INVALID_QUERY_POS)
+        k_pos, k_valid = _pad_to(spec.k_pos, 1, Tk_b, 0), _pad_to(spec.k_valid, 1, Tk_b, False)
+        q_seg = None if spec.q_segment is None else _pad_to(spec.q_segment, 1, Tq_b, -1)
+        k_seg = None if spec.k_segment is None else _pad_to(spec.k_segment, 1, Tk_b, -2)
+        k_self = None if spec.k_self_only is None else _pad_to(spec.k_self_only, 1, Tk_b, False)
 
         def mask_mod(b, h, q_idx, kv_idx):
             ok = k_valid[b, kv_idx] & (k_pos[b, kv_idx] <= q_pos[b, q_idx])
@@ -182,10 +203,10 @@ def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: Duo
                 ok = ok & (k_seg[b, kv_idx] == q_seg[b, q_idx])
             return ok
 
-        B, Tq = q_pos.shape
-        spec._block_mask = create_block_mask(mask_mod, B, None, Tq, k_pos.shape[1], device=query.device)
-    return _COMPILED_FLEX(query, key, value, block_mask=spec._block_mask, scale=scaling,
-                          enable_gqa=query.shape[1] != key.shape[1])
+        spec._block_mask = create_block_mask(mask_mod, q_pos.shape[0], None, Tq_b, Tk_b, device=query.device)
+    out = _COMPILED_FLEX[cpu](_pad_to(query, 2, Tq_b), _pad_to(key, 2, Tk_b), _pad_to(value, 2, Tk_b),
+                              block_mask=spec._block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out[:, :, :Tq]
 
 
 def flash_attn_available() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tah import TaHConfig, TaHForCausalLM
 from tah.attention import DuoCausalSpec, tah_attention
 from tah.testing import random_depths
 
@@ -120,6 +121,28 @@ def test_flex_forward_equals_reference_on_cpu():
         if backend == "flex":
             assert "flex:block_mask" in model.attention_paths
     assert (logits["flex"] - logits["reference"])[mask.bool()].abs().max() <= 1e-5
+
+
+def test_flex_on_cpu_at_head_dim_64_across_shapes():
+    """The shapes that broke the CPU flex path: a 4-layer Qwen3 with head_dim 64 at T = 48, reached after
+    other shapes had compiled (Dynamo then compiled it with dynamic shapes, and Inductor's CPU flex
+    template failed with `CppCompileError: 'cur_qSplitSize4' was not declared`). Each shape, including
+    depth 2's short query sets and left padding, equals the reference path."""
+    from tah.testing import tiny_qwen3
+
+    for i, (heads, kv, hidden, B, T) in enumerate([(4, 2, 256, 2, 48), (8, 4, 512, 1, 40), (16, 8, 1024, 2, 48)]):
+        hf = tiny_qwen3(vocab_size=300, hidden_size=hidden, num_layers=4, num_heads=heads, num_kv_heads=kv,
+                        head_dim=64, intermediate_size=256, initializer_range=0.02, seed=i)
+        ids, mask = batch(B=B, T=T, padding="left", seed=20 + i)
+        depths = random_depths(B, T, 2, hard_fraction=0.3, seed=30 + i)
+        logits = {}
+        for backend in ("reference", "flex"):
+            model = TaHForCausalLM.from_backbone(hf, TaHConfig(max_depth=2, attn_backend=backend)).eval()
+            with torch.no_grad():
+                logits[backend] = model(ids, attention_mask=mask, depths=depths).logits[mask.bool()]
+            assert set(model.attention_paths) == {f"{backend}:{'dense_mask' if backend == 'reference' else 'block_mask'}"}
+        ref = logits["reference"]
+        assert float((logits["flex"] - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
 
 
 def test_flex_backward_on_cpu_is_a_clear_error():
