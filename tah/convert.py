@@ -1,15 +1,19 @@
-"""The authors' released TaH checkpoints -> this project's checkpoint format, without unpickling code.
+"""The authors' released TaH checkpoints (v1 and TaH2) -> this project's format, without unpickling code.
 
-The authors (thu-nics/TaH) save the decider with `torch.save`, a pickle: loading one the ordinary way
-runs whatever the file says. Here every `.bin` is read with `torch.load(weights_only=True)` (tensors,
-plain containers, strings, numbers, dtypes only) and then checked for the exact shape their code
-writes; anything else is refused with `UnsafeCheckpointError` naming the file and what it held.
+The authors (thu-nics/TaH) save the decider (and TaH2's updater) with `torch.save`, a pickle: loading
+one the ordinary way runs whatever the file says. Here every `.bin` is read with
+`torch.load(weights_only=True)` (tensors, plain containers, strings, numbers, dtypes only) and then
+checked for the exact shape their code writes; anything else is refused with `UnsafeCheckpointError`
+naming the file and what it held.
 
 v1 (tah_config.json with `max_iter`, iter_decider.bin, lora/, the HF backbone files) converts exactly:
 their `MLPIterDecider` weights are renamed onto `tah.decider.IterationDecider` and their config onto
 `TaHConfig`; what our model cannot represent (input LayerNorm, unequal block widths, a separate
-decider top-k, ...) is refused by name rather than approximated. TaH2 (input_updater.bin) is read
-safely, then refused: its model is not built here yet.
+decider top-k, ...) is refused by name rather than approximated.
+
+TaH2 (thu-nics/TaH `tah2/`: tah_config.json, iter_decider.bin, input_updater.bin, model.safetensors
+with the tied head dropped) converts exactly onto `TaHConfig.tah2` (tah/convert_tah2.py, which
+describes the mapping), through the same safe reader.
 
     python -m tah.convert SRC DST        # SRC, DST: local directories or s3:// prefixes
     TaHForCausalLM.from_pretrained(SRC)  # the same, converted once into $TAH_CACHE/converted/
@@ -335,16 +339,6 @@ def _convert_v1(src: Path, dst: str) -> str:
             f"alpha={config.lora.alpha}, {len(weights)} decider tensors")
 
 
-def _read_tah2(src: Path) -> None:
-    """Read a TaH2 checkpoint's config and pickles safely (so a hostile file is refused the same way),
-    then stop: converting it needs the TaH2 model."""
-    decode_config(json.loads((src / TAH_CONFIG).read_text()))
-    for name in (V1_DECIDER, TAH2_UPDATER):
-        if (src / name).is_file():
-            load_pickled_state(src / name)
-    raise NotImplementedError("TaH2 checkpoints: the TaH2 model is not built yet")
-
-
 # --------------------------------------------------------------------------------- entry points
 
 
@@ -358,22 +352,26 @@ def convert(src: str | Path, dst: str | Path) -> str:
     if fmt == "v1":
         return _convert_v1(local, str(dst))
     if fmt == "tah2":
-        _read_tah2(local)
+        from .convert_tah2 import convert_tah2
+
+        return convert_tah2(local, str(dst))
     if fmt == "tah":
         from .model import TaHForCausalLM
 
         TaHForCausalLM.from_pretrained(local).save_pretrained(dst, tokenizer=_tokenizer(local))
         return f"copied this project's checkpoint {src} -> {dst}"
     raise FileNotFoundError(f"{src}: not a checkpoint this project reads (needs {TAH_CONFIG} with max_depth, or "
-                            f"the authors' v1 {TAH_CONFIG} with max_iter + {V1_DECIDER} + lora/, or TaH2)")
+                            f"the authors' v1 {TAH_CONFIG} with max_iter + {V1_DECIDER} + lora/, or their "
+                            f"TaH2 {TAH_CONFIG} + {V1_DECIDER} + {TAH2_UPDATER})")
 
 
 def _cache_key(path: Path) -> str:
-    """The source's identity: its path, its config and decider bytes, and every file's size and mtime
-    (hashing multi-GB backbones on every load would cost more than the conversion)."""
+    """The source's identity: its path, its config, decider and updater bytes, and every file's size and
+    mtime (hashing multi-GB backbones on every load would cost more than the conversion)."""
     h = hashlib.sha256(str(path.resolve()).encode())
-    for name in (TAH_CONFIG, V1_DECIDER):
-        h.update((path / name).read_bytes())
+    for name in (TAH_CONFIG, V1_DECIDER, TAH2_UPDATER):
+        if (path / name).is_file():
+            h.update((path / name).read_bytes())
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
         st = p.stat()
         h.update(f"{p.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -382,19 +380,22 @@ def _cache_key(path: Path) -> str:
 
 def resolve_checkpoint(path: str | Path) -> str:
     """`path` itself for this project's checkpoints (and anything not an authors' one, for the caller
-    to judge); an authors' v1 checkpoint is converted once into $TAH_CACHE/converted/<key> and that
-    directory returned. TaH2 is refused (NotImplementedError) after its files are read safely."""
+    to judge); an authors' v1 or TaH2 checkpoint is converted once into $TAH_CACHE/converted/<key> and
+    that directory returned."""
     local = Path(storage.local_copy(str(path)))
     fmt = detect_format(local)
-    if fmt == "tah2":
-        _read_tah2(local)
-    if fmt != "v1":
+    if fmt not in ("v1", "tah2"):
         return str(path)
     root = Path(os.environ.get("TAH_CACHE", Path.home() / ".cache" / "tah")) / "converted"
     dest = root / _cache_key(local)
     if not (dest / TAH_CONFIG).is_file():
-        log.warning("converting the authors' v1 checkpoint %s into %s (once)", path, dest)
-        _convert_v1(local, str(dest))
+        log.warning("converting the authors' %s checkpoint %s into %s (once)", fmt, path, dest)
+        if fmt == "v1":
+            _convert_v1(local, str(dest))
+        else:
+            from .convert_tah2 import convert_tah2
+
+            convert_tah2(local, str(dest))
     return str(dest)
 
 
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         print(convert(args.src, args.dst))
-    except (UnsafeCheckpointError, UnsupportedCheckpointError, NotImplementedError, FileNotFoundError) as e:
+    except (UnsafeCheckpointError, UnsupportedCheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

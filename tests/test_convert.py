@@ -4,7 +4,8 @@ The checkpoints here are written by the test in the authors' layout (thu-nics/Ta
 `TaHForCausalLM.save_pretrained`): the HF backbone files, `lora/` from peft's own save_pretrained with
 their adapter_kwargs, `iter_decider.bin` = torch.save({"class", "state_dict", "init_args"}) under their
 MLPIterDecider key names, `tah_config.json` with their keys and dtype encoding. Their decider's
-forward is written out below on that state_dict, independently of tah/decider.py.
+forward is written out below on that state_dict, independently of tah/decider.py. TaH2 checkpoints:
+tests/test_convert_tah2.py.
 """
 
 from __future__ import annotations
@@ -275,25 +276,6 @@ def test_config_encodings_decode_without_imports():
            "b": [{"__type__": True, "__module__": "no_such_module_xyz", "__name__": "Thing"}], "c": 1}
     assert decode_config(raw) == {"a": torch.bfloat16, "b": ["no_such_module_xyz.Thing"], "c": 1}
     assert "no_such_module_xyz" not in sys.modules
-
-
-def test_tah2_is_read_safely_then_refused(tmp_path):
-    """TaH2 (spec section 3): its pickles go through the same safe loader before the refusal."""
-    src = tmp_path / "tah2"
-    src.mkdir()
-    (src / "tah_config.json").write_text(json.dumps({"max_iter": 2, "iter_decider": "Qwen3MLPIterDecider",
-                                                     "input_updater": "Qwen3MLPUpdater"}))
-    h = 8
-    torch.save({"class": "Qwen3MLPIterDecider", "init_args": {"hidden_size": h, "threshold": 0.5},
-                "state_dict": {"input_proj.weight": torch.zeros(h, 3 * h, dtype=torch.bfloat16)}}, src / "iter_decider.bin")
-    torch.save({"class": "Qwen3MLPUpdater", "init_args": {},
-                "state_dict": {"projection.weight": torch.zeros(h, 2 * h, dtype=torch.bfloat16)}}, src / "input_updater.bin")
-    with pytest.raises(NotImplementedError, match="TaH2"):
-        convert(src, tmp_path / "out")
-    torch.save({"state_dict": {"w": _RunsShell(tmp_path / "pwned")}}, src / "input_updater.bin")
-    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
-        convert(src, tmp_path / "out")
-    assert not (tmp_path / "pwned").exists()
 
 
 def test_cli_converts(v1, tmp_path):
