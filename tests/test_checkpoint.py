@@ -237,3 +237,19 @@ def test_pruning_picks_the_layer_that_contributes_nothing():
     assert min(v for k, v in deltas.items() if k != 2) > 0.01
     assert min(deltas, key=deltas.get) == 2
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4  # restored
+
+
+def test_a_plain_hf_directory_loads_as_the_standard_model(tmp_path):
+    """A model path may be a plain HF causal LM (what tah.real_model writes): loaded at depth 1, no
+    decider, and its logits are the HF model's own."""
+    from tah.testing import tiny_llama
+
+    hf = tiny_llama()
+    hf.save_pretrained(tmp_path / "plain")
+    model = TaHForCausalLM.from_pretrained(tmp_path / "plain")
+    assert model.config.max_depth == 1 and model.decider is None
+    ids, mask = batch(B=2, T=9)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        ref = hf(ids, attention_mask=mask).logits
+    assert float((ours - ref)[mask.bool()].abs().max()) <= 1e-5
