@@ -461,8 +461,9 @@ def deployment(cfg: ServeConfig):
     """The bound deployment for a config (autoscaling, resources, queue limits, user_config)."""
     from tah.config import to_dict
 
-    if not (str(cfg.model).startswith("s3://") or Path(cfg.model, "tah_config.json").exists()):
-        raise SystemExit(f"no TaH checkpoint at {cfg.model!r}: run `make run` (it trains the tiny default) "
+    if not (str(cfg.model).startswith("s3://") or Path(cfg.model, "tah_config.json").exists()
+            or Path(cfg.model, "config.json").exists()):  # a plain HF model serves as Standard (depth 1)
+        raise SystemExit(f"no TaH checkpoint or HF model at {cfg.model!r}: run `make run` (it trains the tiny default) "
                          f"or pass model=<dir or s3:// prefix>")
     args = {k: v for k, v in to_dict(cfg).items() if k != "api_key"}  # replicas get its digest only
     return TaHServer.options(
