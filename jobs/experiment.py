@@ -14,7 +14,8 @@ Stages (each skipped when its output is complete, so a re-run resumes):
 3. from the same base, same data, same steps: TaH+ (unpruned), TaH (one layer pruned), AlwaysThink;
 4. every model through jobs/eval.py on the held-out split (+ the token-level analysis, whose oracle
    policy is the upper bound of paper table 14);
-5. `<output>/results.{md,json}` (one row per method) and plots `<output>/results.png`,
+5. `<output>/results.{md,json}` (one row per method), `<output>/hard_tokens.{md,json}` (the oracle's
+   hard ratio per domain and per kind of target token), and plots `<output>/results.png`,
    `<output>/eval/<model>/analysis/threshold.png`. Checkpoints are servable:
    `serve run serve.tah:app model=<output>/train/tah/stage2/model`.
 With `output=s3://...` labels and checkpoints go to S3 directly; the evaluation and the results are
@@ -193,6 +194,11 @@ def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                                    sources=sources, output=str(out / "eval"), labels=labels, tokenizer=cfg.tokenizer,
                                    seed=cfg.seed)
         summary = eval_run(ecfg)
+        from tah.eval.hard_tokens import report_for, report_markdown
+
+        hard = report_for(labels, cfg.tokenizer)  # which tokens the reference gets wrong, by kind
+        (out / "hard_tokens.json").write_text(json.dumps(hard, indent=2) + "\n")
+        (out / "hard_tokens.md").write_text(report_markdown(hard, f"Hard tokens of {labels}"))
         rows = results_table(cfg, finals, summary, out)
         write_results(cfg, rows, time.time() - t0, out)
         print((out / "results.md").read_text(), flush=True)

@@ -54,6 +54,7 @@ def test_short_experiment_produces_every_artifact(ray_local, tmp_path):
     assert (tmp_path / "labels" / "manifest.json").exists() and (tmp_path / "sft-data" / "manifest.json").exists()
     assert (tmp_path / "train" / "tah" / "pruned-base" / "pruning.json").exists()
     assert (tmp_path / "results.png").stat().st_size > 1000
+    assert "| target token kind |" in (tmp_path / "hard_tokens.md").read_text()
     assert (tmp_path / "eval" / "tah" / "analysis" / "threshold.png").exists()
     table = (tmp_path / "results.md").read_text()
     assert all(f"| {m} |" in table for m in ("standard", "always_think", "tah_plus", "tah"))
