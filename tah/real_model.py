@@ -117,11 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help=f"target directory (default {default_dir()})")
     ap.add_argument("--force", action="store_true", help="convert again even if the directory is complete")
+    ap.add_argument("--path", action="store_true", help="print only the converted directory (for scripts)")
     args = ap.parse_args(argv)
     try:
         path = convert(args.out, force=args.force)
     except RealModelUnavailable as e:
         raise SystemExit(f"error: {e}") from None
+    if args.path:
+        print(path)
+        return
     m = json.loads((path / MANIFEST).read_text())
     print(f"SmolLM2-135M-Instruct ({m['architecture']}, {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
           f"vocabulary {m['vocab_size']}, {m['parameters'] / 1e6:.0f}M parameters) is at:\n  {path}\n"

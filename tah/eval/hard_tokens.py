@@ -15,7 +15,6 @@ import json
 import sys
 import unicodedata
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable
 
 KINDS = ("digit", "word_start", "word_piece", "punctuation", "whitespace", "special")
@@ -46,6 +45,7 @@ def hard_token_report(rows: list[dict[str, Any]], decode: Callable[[int], str], 
     per_dom: dict[str, Counter] = {}
     kinds: dict[str, Counter] = {k: Counter() for k in KINDS}
     hard_targets: Counter = Counter()
+    val: Counter = Counter()  # the validation rows alone: 1 - their hard ratio is the reference's token accuracy there
     cache: dict[int, str] = {}
     for r in rows:
         ids = [int(x) for x in r["input_ids"]]
@@ -61,9 +61,11 @@ def hard_token_report(rows: list[dict[str, Any]], decode: Callable[[int], str], 
             kind = cache[t]
             kinds[kind]["labelled"] += 1
             dom["labelled"] += 1
+            val["labelled"] += bool(r.get("is_validation"))
             if mism[i]:
                 kinds[kind]["hard"] += 1
                 dom["hard"] += 1
+                val["hard"] += bool(r.get("is_validation"))
                 hard_targets[t] += 1
     total_hard = sum(c["hard"] for c in per_dom.values())
     return {
@@ -73,6 +75,8 @@ def hard_token_report(rows: list[dict[str, Any]], decode: Callable[[int], str], 
                       "share_of_hard": c["hard"] / max(total_hard, 1)} for k, c in kinds.items() if c["labelled"]},
         "top_hard_targets": [{"token": decode(t), "kind": cache[t], "count": n} for t, n in hard_targets.most_common(top)],
         "samples": len(rows),
+        "validation": {"labelled": val["labelled"], "hard": val["hard"],
+                       "reference_token_accuracy": 1 - val["hard"] / val["labelled"] if val["labelled"] else None},
     }
 
 
@@ -83,6 +87,10 @@ def report_markdown(rep: dict[str, Any], title: str = "Hard tokens") -> str:
     lines += ["", "| target token kind | labelled | hard | hard ratio | share of hard |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {c['labelled']} | {c['hard']} | {c['hard_ratio']:.3f} | {c['share_of_hard']:.3f} |"
               for k, c in rep["kinds"].items()]
+    v = rep.get("validation") or {}
+    if v.get("reference_token_accuracy") is not None:
+        lines += ["", f"On the validation split ({v['labelled']} positions) the reference's teacher-forced next-token "
+                  f"accuracy is {v['reference_token_accuracy']:.4f} (= 1 - its hard ratio)."]
     lines += ["", "Most frequent hard targets: " + ", ".join(f"`{json.dumps(t['token'])[1:-1]}` ({t['kind']}, {t['count']})"
                                                              for t in rep["top_hard_targets"])]
     return "\n".join(lines) + "\n"
@@ -101,7 +109,7 @@ def read_label_rows(labels: str, limit: int | None = None) -> list[dict[str, Any
     rows: list[dict[str, Any]] = []
     for f in files:
         fs, path = storage.pyarrow_fs(f)
-        table = pq.read_table(path, filesystem=fs, columns=["domain", "input_ids", "assistant_mask", "ref_mismatch"])
+        table = pq.read_table(path, filesystem=fs, columns=["domain", "is_validation", "input_ids", "assistant_mask", "ref_mismatch"])
         rows += table.to_pylist()
         if limit is not None and len(rows) >= limit:
             return rows[:limit]
