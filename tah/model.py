@@ -476,7 +476,7 @@ class TaHForCausalLM(nn.Module):
         x = e if not di.numel() else e.index_copy(0, di, self.updater(e.index_select(0, di), last_hidden))
         # A deeper row re-runs the position its depth-1 pass already took.
         q_pos = (cache.lengths[:n, 0] - deep.long())[:, None]  # (B, 1)
-        view = cache.begin_mixed(depth, q_pos[:, 0], self.attention_paths)
+        view = cache.begin_mixed(depth, q_pos[:, 0], self.attention_paths, split_deep=True)
         lora = self._peft is not None and bool(di.numel())
         if lora:
             self._set_lora_rows(deep)

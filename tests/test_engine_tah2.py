@@ -91,6 +91,7 @@ def test_greedy_batch_equals_reference_generate(max_depth, monkeypatch):
         deepest = max(deepest, *o.depths)
     assert deepest == max_depth  # tokens reached the cap
     assert any(len(set(d)) > 1 for d in passes)  # one pass, rows at different depths
+    assert model.attention_paths["mixed_decode_split"] > 0  # depth-1 rows read depth-1 keys only
     assert any(d >= 3 for step in passes for d in step) == (max_depth >= 3)
 
 
@@ -210,7 +211,7 @@ def test_even_mix_and_first_self_equal_reference_generate():
         ref = model.generate(torch.tensor([p]), max_new_tokens=N_NEW, threshold=thr)
         assert o.token_ids == ref.sequences[0, len(p):].tolist()
         assert o.depths[1:] == ref.depths[0, :N_NEW - 1].tolist()
-    assert any(o.stats.iterated_tokens for o in outs)
+    assert any(o.stats.iterated_tokens for o in outs) and model.attention_paths["mixed_decode_split"] > 0
 
 
 def test_standard_policy_is_the_backbone():
