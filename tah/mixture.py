@@ -37,6 +37,7 @@ class MixtureState:
         self.acc = torch.zeros(slots, vocab_size, dtype=dtype, device=device)  # log-mix accumulator
         self.R = torch.ones(slots, dtype=dtype, device=device)  # mass left for the depths after
         self.h = torch.zeros(slots, hidden_size, dtype=hidden_dtype, device=device)  # h^(d), final-normed
+        self._slots: torch.Tensor | None = None  # step()'s row -> slot map
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.acc, self.R, self.h))
@@ -51,14 +52,16 @@ class MixtureState:
         return self.h.index_select(0, rows)
 
     def step(self, depth: list[int], logits: torch.Tensor, hidden: torch.Tensor, cont: list[bool],
-             c: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+             c: torch.Tensor | None, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         """Fold one depth of rows 0..n-1 into their mixtures.
 
         depth: the depth each row ran; logits (n, V) its own logits z_d; hidden (n, H) its h^(d);
         cont: whether the row runs d + 1 next step; c (n,) the decider's continue probability in this
         state's precision (read where a stop_prob_mix row continues; None if no row does).
+        slots (n,): each row's state slot (None: row i uses slot i).
         Returns (n_stop, V) the stopping rows' mixture log-probs and those rows (in row order)."""
         dev = logits.device
+        self._slots = slots
         logp = torch.log_softmax(logits.to(self.dtype), dim=-1)  # (n, V)
         stop = [i for i, k in enumerate(cont) if not k]
         deep_stop = [i for i in stop if depth[i] > 1]
@@ -66,10 +69,11 @@ class MixtureState:
             ds = torch.tensor(deep_stop, dtype=torch.long, device=dev)
             lp = logp.index_select(0, ds)
             if self.combine == "stop_prob_mix":
-                mix = torch.logaddexp(self.acc.index_select(0, ds), torch.log(self.R.index_select(0, ds))[:, None] + lp)
+                mix = torch.logaddexp(self.acc.index_select(0, self._s(ds)),
+                                      torch.log(self.R.index_select(0, self._s(ds)))[:, None] + lp)
             else:
                 count = torch.tensor([depth[i] for i in deep_stop], dtype=self.dtype, device=dev)
-                mix = torch.logaddexp(self.acc.index_select(0, ds), lp) - torch.log(count)[:, None]
+                mix = torch.logaddexp(self.acc.index_select(0, self._s(ds)), lp) - torch.log(count)[:, None]
             logp.index_copy_(0, ds, mix)
         go = [i for i, k in enumerate(cont) if k]
         if go:
@@ -78,24 +82,29 @@ class MixtureState:
             return logp, stop
         return logp.index_select(0, torch.tensor(stop, dtype=torch.long, device=dev)), stop
 
+    def _s(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows -> their state slots."""
+        return rows if self._slots is None else self._slots.index_select(0, rows)
+
     def _continue(self, go: list[int], depth: list[int], logp: torch.Tensor, hidden: torch.Tensor,
                   c: torch.Tensor | None) -> None:
         """The continuing rows' terms into their slots: acc = term (depth 1) or logaddexp(acc, term)."""
         dev = logp.device
         gi = torch.tensor(go, dtype=torch.long, device=dev)
         lp = logp.index_select(0, gi)  # (n_go, V)
+        si = self._s(gi)  # their slots
         if self.combine == "stop_prob_mix":
             first = torch.tensor([depth[i] == 1 for i in go], device=dev)
-            mass = torch.where(first, torch.ones_like(self.R[gi]), self.R.index_select(0, gi))  # R_d
+            mass = torch.where(first, torch.ones_like(self.R[si]), self.R.index_select(0, si))  # R_d
             cg = c.index_select(0, gi)
             term = torch.log(mass * (1 - cg))[:, None] + lp  # log w_d + log p_d, w_d = R_d (1 - c_d)
-            self.R.index_copy_(0, gi, mass * cg)  # R_{d+1}
+            self.R.index_copy_(0, si, mass * cg)  # R_{d+1}
         else:
             term = lp
         deep = [j for j, i in enumerate(go) if depth[i] > 1]
         if deep:
             dj = torch.tensor(deep, dtype=torch.long, device=dev)
-            dslots = gi.index_select(0, dj)
+            dslots = si.index_select(0, dj)
             term = term.index_copy(0, dj, torch.logaddexp(self.acc.index_select(0, dslots), term.index_select(0, dj)))
-        self.acc.index_copy_(0, gi, term)
-        self.h.index_copy_(0, gi, hidden.index_select(0, gi).to(self.h.dtype))
+        self.acc.index_copy_(0, si, term)
+        self.h.index_copy_(0, si, hidden.index_select(0, gi).to(self.h.dtype))

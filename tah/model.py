@@ -360,7 +360,7 @@ class TaHForCausalLM(nn.Module):
             if depths is not None:
                 cont = depths.reshape(-1)[flat] > d
             else:
-                cont = torch.sigmoid(dec.float()) > (thr[flat // T] if isinstance(thr, torch.Tensor) else thr)
+                cont = self.goes_deeper(dec, thr[flat // T] if isinstance(thr, torch.Tensor) else thr)
             # Continuing tokens keep their list order, so a boolean mask carries everything over.
             conts.append(cont)
             flat = flat[cont]
@@ -408,6 +408,13 @@ class TaHForCausalLM(nn.Module):
                 loss = self._depthwise_loss(layouts, cum_lists, conts, target) / n
         self._set_lora(False)
         return TaHOutput(logits=logits, depths=run_depth.view(B, T), decider_logits=decider_logits, loss=loss)
+
+    @staticmethod
+    def goes_deeper(decider_logits: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+        """THE rule for "does this token run the next depth" (v1 and TaH2 alike), used by the parallel
+        forward and by the serving engine's runner: sigmoid(decider logit) > threshold, in fp32.
+        decider_logits (N,); threshold a float or (N,) -> (N,) bool."""
+        return torch.sigmoid(decider_logits.float()) > threshold
 
     @torch.no_grad()
     def decode_step(self, input_ids: torch.Tensor, depth: torch.Tensor, cache: TaHCache,

@@ -30,7 +30,7 @@ def _model_with_mixed_depths(max_depth: int = 2):
 
 def test_greedy_batch1_equals_reference_generate():
     model, thr = _model_with_mixed_depths()
-    eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, chunk=8))
+    eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, block_size=8))
     iterated = 0
     for p in _prompts(3, seed=1):
         got = eng.generate([p], GREEDY)[0]
@@ -78,7 +78,7 @@ def test_continuous_batching_equals_each_request_alone(sampled):
     """Staggered arrivals, more requests than slots (some wait), different lengths (rows finish and
     slots are compacted mid-run): every request gets exactly the tokens it gets alone."""
     model, thr = _model_with_mixed_depths()
-    cfg = EngineConfig(max_num_seqs=4, max_model_len=48, threshold=thr, chunk=8, max_prefill_tokens=24)
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=48, threshold=thr, block_size=8, max_prefill_tokens=24)
     prompts = _prompts(9, seed=4)
     params = [SamplingParams(max_tokens=4 + 2 * i, temperature=0.8 if sampled else 0.0, top_k=50, top_p=0.9,
                              seed=100 + i) for i in range(9)]
@@ -126,7 +126,7 @@ def test_stops_aborts_and_limits():
     eng.abort(rid)
     events = eng.step()
     assert any(e.request_id == rid and e.finish_reason == "abort" for e in events)
-    assert eng.num_running == 0 and eng.cache.active == 0
+    assert eng.num_running == 0 and eng.pool.num_used == 0
     # Context window: a clear message, nothing queued.
     with pytest.raises(RequestError, match="maximum context length is 32 tokens"):
         eng.add_request(list(range(3, 30)), SamplingParams(max_tokens=10))
@@ -142,10 +142,10 @@ def test_stops_aborts_and_limits():
 
 def test_kv_memory_is_reserved_once():
     model, thr = _model_with_mixed_depths()
-    eng = Engine(model, EngineConfig(max_num_seqs=3, max_model_len=40, threshold=thr, chunk=8))
-    before = eng.cache.nbytes()
+    eng = Engine(model, EngineConfig(max_num_seqs=3, max_model_len=40, threshold=thr, block_size=8))
+    before = eng.pool.nbytes()
     eng.generate(_prompts(6, seed=7), SamplingParams(max_tokens=20, temperature=0), arrivals=[0, 1, 2, 3, 4, 5])
-    assert eng.cache.nbytes() == before and eng.cache.grow_events == 0
+    assert eng.pool.nbytes() == before and eng.pool.num_used == 0
 
 
 def _drain(eng: Engine, events: dict[str, list] | None = None, max_steps: int = 500) -> dict[str, list]:
@@ -203,7 +203,7 @@ def test_a_request_failing_mid_step_fails_alone():
     sampler and the logprobs of one row each: those two requests end with "error"; the others get
     exactly the tokens they get alone, and the engine serves on."""
     model, thr = _model_with_mixed_depths()
-    cfg = EngineConfig(max_num_seqs=4, max_model_len=48, threshold=thr, chunk=8)
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=48, threshold=thr, block_size=8)
     prompts = _prompts(5, seed=8)
     params = [SamplingParams(max_tokens=8, temperature=0.8, top_k=40, seed=10 + i, logprobs=0) for i in range(5)]
     eng = Engine(model, cfg)
@@ -217,7 +217,7 @@ def test_a_request_failing_mid_step_fails_alone():
     for i in (0, 2, 4):
         alone = Engine(model, cfg).generate([prompts[i]], params[i])[0]
         assert _tokens(events[rids[i]]) == alone.token_ids and events[rids[i]][-1].finish_reason == "length"
-    assert eng.num_running == 0 and eng.cache.active == 0 and not eng._live
+    assert eng.num_running == 0 and eng.pool.num_used == 0 and not eng._live
     again = eng.generate([prompts[0]], params[0])[0]
     assert again.token_ids == _tokens(events[rids[0]])
 
@@ -227,7 +227,7 @@ def test_a_failed_pass_fails_its_rows_and_the_engine_goes_on(monkeypatch):
     requests; a prefill that raises fails only the requests it admitted (running rows are not written
     by it). Everything after gets the tokens it gets alone."""
     model, thr = _model_with_mixed_depths()
-    cfg = EngineConfig(max_num_seqs=2, max_model_len=48, threshold=thr, chunk=8)
+    cfg = EngineConfig(max_num_seqs=2, max_model_len=48, threshold=thr, block_size=8)
     prompts = _prompts(4, seed=9)
     sp = SamplingParams(max_tokens=6, temperature=0.0)
     alone = [Engine(model, cfg).generate([p], sp)[0].token_ids for p in prompts]
@@ -269,7 +269,7 @@ def test_a_failed_pass_fails_its_rows_and_the_engine_goes_on(monkeypatch):
     _drain(eng, events)
     assert events["admitted"][-1].finish_reason == "error"
     assert _tokens(events["running"]) == alone[0] and _tokens(events["later"]) == alone[2]
-    assert eng.num_running == 0 and eng.cache.active == 0
+    assert eng.num_running == 0 and eng.pool.num_used == 0
 
 
 def test_per_request_max_depth_v1():

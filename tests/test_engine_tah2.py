@@ -73,7 +73,7 @@ def test_greedy_batch_equals_reference_generate(max_depth, monkeypatch):
     thr = median_threshold(model)
     ps = prompts(6, seed=1)
     passes = record_depths(monkeypatch, model)
-    eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, chunk=8))
+    eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, block_size=8))
     outs = eng.generate(ps, SamplingParams(max_tokens=N_NEW, temperature=0.0, logprobs=0),
                         arrivals=[0, 0, 1, 3, 4, 6])
     deepest = 1
@@ -136,7 +136,7 @@ def test_lowered_max_depth_equals_a_model_with_that_max_depth():
     thr = median_threshold(model)
     ps = prompts(4, seed=3)
     caps = [1, 2, 3, None]
-    eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, chunk=8))
+    eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, block_size=8))
     outs = eng.generate(ps, [SamplingParams(max_tokens=N_NEW, temperature=0.0, max_depth=m) for m in caps],
                         arrivals=[0, 0, 1, 2])
     for p, m, o in zip(ps, caps, outs):
@@ -182,7 +182,7 @@ def test_seeded_sampling_batched_equals_alone(max_depth):
     and the same seed gives the same tokens again."""
     model = make_tah2(max_depth)
     thr = median_threshold(model)
-    cfg = EngineConfig(max_num_seqs=3, max_model_len=48, threshold=thr, chunk=8, max_prefill_tokens=24)
+    cfg = EngineConfig(max_num_seqs=3, max_model_len=48, threshold=thr, block_size=8, max_prefill_tokens=24)
     ps = prompts(7, seed=4)
     params = [SamplingParams(max_tokens=3 + 2 * i, temperature=0.9, top_k=50, top_p=0.95, seed=100 + i)
               for i in range(7)]
@@ -254,11 +254,11 @@ def test_mixture_state_against_the_formula():
 def test_kv_and_mixture_memory_are_reserved_once():
     model = make_tah2(2)
     thr = median_threshold(model)
-    eng = Engine(model, EngineConfig(max_num_seqs=3, max_model_len=40, threshold=thr, chunk=8))
-    before = eng.cache.nbytes(), eng.mix.nbytes()
+    eng = Engine(model, EngineConfig(max_num_seqs=3, max_model_len=40, threshold=thr, block_size=8))
+    before = eng.pool.nbytes(), eng.runner.mix.nbytes()
     assert before[1] >= 3 * 512 * 4  # (slots, V) fp32 accumulator
     eng.generate(prompts(6, seed=8), SamplingParams(max_tokens=16, temperature=0), arrivals=[0, 1, 2, 3, 4, 5])
-    assert (eng.cache.nbytes(), eng.mix.nbytes()) == before and eng.cache.grow_events == 0
+    assert (eng.pool.nbytes(), eng.runner.mix.nbytes()) == before and eng.pool.num_used == 0
 
 
 def test_decode_step_kinds_refuse_the_other_configuration():

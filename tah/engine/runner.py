@@ -1,0 +1,174 @@
+"""The engine's model runner: owns the model, the paged KV pool (through `kv.PagedBatch` per call) and the
+per-row depth state; runs a step plan's prefills and its one decode pass and returns final-token logits.
+
+- prefill: the parallel forward over each admitted request's uncached tokens (its prompt, or prompt +
+  output on resume after preemption) with the paged cache; the decider runs on every prompt token as
+  in the reference `generate()`; one forward per distinct depth cap (`model.depth_capped`).
+- decode: ONE pass of the weights over every running row, each at its own depth
+  (`TaHForCausalLM.decode_step` for v1, `decode_step_mix` for TaH2). A row whose token the decider sends
+  deeper keeps its state -- v1: the top-k and cumulative logits (`pending`); TaH2: its mixture in
+  `tah.mixture.MixtureState`, at the row's slot -- and runs the next depth in the next step's pass.
+  Whether a token goes deeper is `TaHForCausalLM.goes_deeper`, the forward's own rule.
+
+    python -m tah.engine      # the demo drives it through Engine
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..mixture import MixtureState
+from ..model import TaHForCausalLM
+from .kv import BlockPool, PagedBatch
+
+if TYPE_CHECKING:
+    from .scheduler import Request
+
+
+class ModelRunner:
+    """Runs the model for a step plan; depth_policy: decider | standard | always_think."""
+
+    def __init__(self, model: TaHForCausalLM, pool: BlockPool, max_num_seqs: int, policy: str) -> None:
+        c = model.config
+        self.model, self.pool, self.policy = model, pool, policy
+        self.max_depth, self.mixture = c.max_depth, c.combine != "logit_residual"
+        w = model.backbone.get_input_embeddings().weight
+        self.device, self.vocab_size = w.device, w.shape[0]
+        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # v1 mid-token
+        self.mix: MixtureState | None = None
+        if self.mixture:
+            wide = w.dtype if w.dtype == torch.float64 else torch.float32  # the forward's mixture precision
+            self.mix = MixtureState(max_num_seqs, self.vocab_size, model.backbone.config.hidden_size,
+                                    c.combine, wide, w.dtype, self.device)
+        self._slots = list(range(max_num_seqs))
+
+    def batch(self, reqs: list["Request"]) -> PagedBatch:
+        return PagedBatch(self.pool, [r.kv for r in reqs], self.max_depth, self.model.config.depth_attention)
+
+    # ------------------------------------------------------------------ per-request state
+    def attach(self, r: "Request") -> None:
+        r.slot = self._slots.pop()
+        r.next_depth = 1
+
+    def release(self, r: "Request") -> None:
+        """Forget a request's depth state (finished, failed or preempted)."""
+        self.pending.pop(r.rid, None)
+        if r.slot >= 0:
+            self._slots.append(r.slot)
+            r.slot = -1
+        r.next_depth = 1
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, reqs: list["Request"], thresholds: list[float]
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(n, V) final logits of each request's last token, (n,) its depth, and per request the depths
+        its fed tokens ran. May raise kv.NoFreeBlocks (its deeper entries did not fit)."""
+        dev = self.device
+        caps = [r.cap for r in reqs]
+        forced = self.policy != "decider"
+        groups: dict[int | None, list[int]] = {None: list(range(len(reqs)))} if forced else {}
+        if not forced:
+            for j, cap in enumerate(caps):
+                groups.setdefault(cap, []).append(j)
+        logits = torch.zeros(len(reqs), self.vocab_size, device=dev)
+        depth = torch.zeros(len(reqs), dtype=torch.long, device=dev)
+        ran: list[torch.Tensor] = [torch.zeros(0)] * len(reqs)
+        for cap, js in groups.items():
+            rs = [reqs[j] for j in js]
+            feeds = [r.tokens[r.kv.lengths[0]:] for r in rs]  # after the prefix-cache hit
+            T = max(len(f) for f in feeds)
+            ids = torch.zeros(len(rs), T, dtype=torch.long, device=dev)
+            valid = torch.zeros(len(rs), T, dtype=torch.bool, device=dev)
+            for i, f in enumerate(feeds):
+                ids[i, :len(f)] = torch.tensor(f, dtype=torch.long)
+                valid[i, :len(f)] = True
+            last = torch.tensor([len(f) - 1 for f in feeds], device=dev)
+            fd = None
+            if forced:  # every token runs its request's cap
+                fd = torch.tensor([r.cap for r in rs], device=dev)[:, None].expand(len(rs), T).contiguous()
+            thr = [thresholds[j] for j in js]
+            thr_t = thr[0] if all(t == thr[0] for t in thr) else torch.tensor(thr, dtype=torch.float32, device=dev)
+            with self.model.depth_capped(cap):
+                out = self.model(ids, attention_mask=valid, depths=fd, past_key_values=self.batch(rs),
+                                 threshold=thr_t, return_decider_logits=False, logits_at=last)
+            jt = torch.tensor(js, device=dev)
+            if len(groups) == 1:
+                logits = out.logits
+            else:
+                logits = logits.to(out.logits.dtype)
+                logits[jt] = out.logits
+            depth[jt] = out.depths[torch.arange(len(rs), device=dev), last]
+            for i, j in enumerate(js):
+                ran[j] = out.depths[i, :len(feeds[i])]
+        return logits, depth, ran
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, rows: list["Request"], thresholds: list[float]
+               ) -> tuple[torch.Tensor, torch.Tensor, list["Request"]]:
+        """One pass over the running rows; returns (logits, depth, request) of the rows whose token is
+        final this step (the others run their next depth in the next step)."""
+        return self._decode_mix(rows, thresholds) if self.mixture else self._decode(rows, thresholds)
+
+    def _thr(self, thresholds: list[float], idx: list[int] | None = None) -> float | torch.Tensor:
+        vals = thresholds if idx is None else [thresholds[i] for i in idx]
+        if all(v == vals[0] for v in vals):
+            return vals[0]
+        return torch.tensor(vals, dtype=torch.float32, device=self.device)
+
+    def _decode(self, rows: list["Request"], thresholds: list[float]):
+        dev, model = self.device, self.model
+        depth = torch.tensor([r.next_depth for r in rows], dtype=torch.long, device=dev)
+        ids = torch.tensor([r.output[-1] for r in rows], dtype=torch.long, device=dev)
+        deep = [self.pending[r.rid] for r in rows if r.next_depth > 1]
+        soft = prev = None
+        if deep:
+            soft = (torch.stack([p[0] for p in deep]), torch.stack([p[1] for p in deep]))
+            prev = torch.stack([p[2] for p in deep])
+        cum, hidden = model.decode_step(ids, depth, self.batch(rows), soft, prev)
+        cont = depth < torch.tensor([r.cap for r in rows], dtype=torch.long, device=dev)
+        top = None
+        if bool(cont.any()):
+            top = cum.topk(model.topk, dim=-1)
+            if self.policy == "decider":  # each request's threshold
+                cont &= model.goes_deeper(model.decider(hidden, top.values), self._thr(thresholds))
+        done = []
+        for i, (r, c) in enumerate(zip(rows, cont.tolist())):
+            if c:
+                self.pending[r.rid] = (top.values[i], top.indices[i], cum[i])
+                r.next_depth += 1
+            else:
+                self.pending.pop(r.rid, None)
+                r.next_depth = 1
+                done.append(i)
+        idx = torch.tensor(done, dtype=torch.long, device=dev)
+        return cum[idx], depth[idx], [rows[i] for i in done]
+
+    def _decode_mix(self, rows: list["Request"], thresholds: list[float]):
+        """TaH2: the decider runs only where it can matter (rows below their cap; under always_think
+        too, where stop_prob_mix weighs by its c_d); the updater only on the rows that iterate."""
+        dev, n, mix = self.device, len(rows), self.mix
+        depth_l = [r.next_depth for r in rows]
+        below = [i for i, r in enumerate(rows) if depth_l[i] < r.cap]
+        run = below if self.policy == "decider" or mix.combine == "stop_prob_mix" else []
+        deep = [i for i in range(n) if depth_l[i] > 1]
+        slots = torch.tensor([r.slot for r in rows], dtype=torch.long, device=dev)
+        depth = torch.tensor(depth_l, dtype=torch.long, device=dev)
+        ids = torch.tensor([r.output[-1] for r in rows], dtype=torch.long, device=dev)
+        hidden = mix.hidden(slots[torch.tensor(deep, dtype=torch.long, device=dev)]) if deep else None
+        decide = torch.tensor(run, dtype=torch.long, device=dev) if run else None
+        z, h, dec = self.model.decode_step_mix(ids, depth, self.batch(rows), hidden, decide)
+        cont, c = [False] * n, None
+        if run:  # c_d as the forward computes it: sigmoid in the mixture's precision
+            c = torch.ones(n, dtype=mix.dtype, device=dev).index_copy(0, decide, torch.sigmoid(dec.to(mix.dtype)))
+        if self.policy == "decider" and run:
+            for i, go in zip(run, self.model.goes_deeper(dec, self._thr(thresholds, run)).tolist()):
+                cont[i] = go
+        elif self.policy == "always_think":
+            for i in below:
+                cont[i] = True
+        out, stop = mix.step(depth_l, z, h, cont, c, slots)
+        for i, r in enumerate(rows):
+            r.next_depth = depth_l[i] + 1 if cont[i] else 1
+        return out, torch.tensor([depth_l[i] for i in stop], dtype=torch.long, device=dev), [rows[i] for i in stop]
