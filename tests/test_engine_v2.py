@@ -1,0 +1,248 @@
+"""Engine v2 (tah/engine/): paged KV, preemption, admission, prefix caching, and the scheduler and output
+processor with a fake runner (no model).
+
+Exactness references are each request run alone in an engine with room for everything, and a prefix-cache
+miss (caching off); accounting is checked after every test (no block left held).
+
+    PYTHONPATH=. .venv/bin/python -m pytest -x -q tests/test_engine_v2.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tah.engine import (BlockPool, Engine, EngineConfig, OutputProcessor, Request, RequestError, RequestStats,
+                        SamplingParams, Scheduler, SeqKV, TokenEvent)
+from tah.engine.kv import NoFreeBlocks
+
+from .helpers import make
+from .test_engine import _model_with_mixed_depths, _prompts
+from .test_engine_tah2 import make_tah2, median_threshold
+
+
+def _alone(model, cfg: EngineConfig, p: list[int], sp: SamplingParams):
+    big = EngineConfig(**{**cfg.__dict__, "num_kv_blocks": None, "enable_prefix_caching": False})
+    return Engine(model, big).generate([p], sp)[0]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_too_small_pool_preempts_and_every_request_gets_its_alone_tokens(sampled):
+    """A pool of 12 blocks of 4 tokens (48 slots) for 5 requests of up to ~30 tokens each: admission
+    waits, decode runs out, the newest is preempted and recomputed; every request still gets exactly
+    its tokens alone (greedy, and seeded sampling: its generator is carried over)."""
+    model, thr = _model_with_mixed_depths()
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=48, threshold=thr, block_size=4, num_kv_blocks=12,
+                       enable_prefix_caching=False)
+    prompts = _prompts(5, seed=11, lo=6, hi=12)
+    params = [SamplingParams(max_tokens=14, temperature=0.9 if sampled else 0.0, top_k=40, seed=7 + i)
+              for i in range(5)]
+    eng = Engine(model, cfg)
+    outs = eng.generate(prompts, params)
+    assert eng.scheduler.num_preemptions > 0 and sum(o.stats.preemptions for o in outs) > 0
+    for p, sp, o in zip(prompts, params, outs):
+        a = _alone(model, cfg, p, sp)
+        assert o.token_ids == a.token_ids and o.depths == a.depths and o.finish_reason == "length"
+    assert eng.pool.num_used == 0 and not eng.has_work()
+    assert sum(o.stats.iterated_tokens for o in outs) > 0
+
+
+def test_tah2_preempted_mid_token_equals_alone():
+    """TaH2 (M = 3): rows are preempted while mid-token (their mixture is dropped and recomputed)."""
+    model = make_tah2(3)
+    thr = median_threshold(model)
+    # 20 blocks of 4: each request fits alone even with every token at depth 3 (<= 19 x 3 entries).
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=40, threshold=thr, block_size=4, num_kv_blocks=20,
+                       enable_prefix_caching=False)
+    prompts = _prompts(4, seed=12, lo=5, hi=10)
+    params = [SamplingParams(max_tokens=10, temperature=0.8, seed=3 + i) for i in range(4)]
+    eng = Engine(model, cfg)
+    outs = eng.generate(prompts, params)
+    assert eng.scheduler.num_preemptions > 0
+    for p, sp, o in zip(prompts, params, outs):
+        a = _alone(model, cfg, p, sp)
+        assert o.token_ids == a.token_ids and o.depths == a.depths and o.finish_reason == "length"
+    assert eng.pool.num_used == 0 and 3 in {d for o in outs for d in o.depths}
+
+
+def test_hostile_sizes_get_a_clear_error_not_a_hang():
+    model, _ = make(max_depth=2)
+    eng = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=64, block_size=4, num_kv_blocks=3,
+                                     depth_policy="always_think"))
+    with pytest.raises(RequestError, match="does not fit this server's KV cache"):
+        eng.add_request(list(range(3, 20)), SamplingParams(max_tokens=2))
+    # Fits at admission (8 tokens = 2 blocks), but every token also runs depth 2: alone it outgrows
+    # the pool and ends with an error instead of waiting forever.
+    rid = eng.add_request(list(range(3, 11)), SamplingParams(max_tokens=20, temperature=0))
+    last = None
+    for _ in range(100):
+        for ev in eng.step():
+            last = ev
+        if not eng.has_work():
+            break
+    assert not eng.has_work() and last.request_id == rid and last.finish_reason == "error"
+    assert "KV blocks" in str(last.error) and eng.pool.num_used == 0
+
+
+@pytest.mark.parametrize("tah2", [False, True])
+def test_prefix_cache_hit_equals_miss(tah2):
+    """Requests sharing a 24-token prefix (3 blocks of 8): the later ones hit the cache (their depth-1
+    K/V and the deeper entries the decider wrote are reused) and get the tokens a miss gets."""
+    if tah2:
+        model = make_tah2(2)
+        thr = median_threshold(model)
+    else:
+        model, thr = _model_with_mixed_depths()
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, block_size=8)
+    prefix = _prompts(1, seed=13, lo=24, hi=25)[0]
+    prompts = [prefix + s for s in _prompts(3, seed=14, lo=2, hi=6)]
+    params = [SamplingParams(max_tokens=8, temperature=0.0), SamplingParams(max_tokens=8, temperature=0.7, seed=5),
+              SamplingParams(max_tokens=8, temperature=0.0, logprobs=0)]
+    eng = Engine(model, cfg)
+    first = eng.generate(prompts[:1], params[:1])[0]
+    payload = eng.pool.payload_bytes()
+    hit = eng.generate(prompts[1:], params[1:], arrivals=[0, 1])
+    assert eng.pool.prefix_hits == 2 * 24 and all(o.stats.cached_tokens == 24 for o in hit)
+    miss = Engine(model, EngineConfig(**{**cfg.__dict__, "enable_prefix_caching": False}))
+    for p, sp, o in zip(prompts, params, [first, *hit]):
+        m = miss.generate([p], sp)[0]
+        assert o.token_ids == m.token_ids and o.depths == m.depths
+        assert o.stats.prompt_depth_counts == m.stats.prompt_depth_counts
+    assert torch.allclose(torch.tensor(hit[1].logprobs), torch.tensor(miss.generate([prompts[2]], params[2])[0].logprobs),
+                          atol=1e-5)
+    assert payload > 0  # the prefix's iterated tokens were cached with it
+    assert eng.pool.num_used == 0 and miss.pool.num_used == 0
+
+
+# ---------------------------------------------------------------------- fake runner: no model
+def _req(rid: str, n: int, seq: int, cap: int = 2, max_tokens: int = 8) -> Request:
+    return Request(rid, list(range(3, 3 + n)), SamplingParams(max_tokens=max_tokens, temperature=0.0), max_tokens,
+                   torch.Generator(),
+                   RequestStats(prompt_tokens=n), SeqKV(2), cap=cap, seq=seq)
+
+
+class FakeRunner:
+    """Writes what a runner would into the block tables: prefill n tokens at depth 1, decode one token
+    at each row's depth, and sends every third decoded token to depth 2."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool, self.t = pool, 0
+
+    def prefill(self, reqs: list[Request]) -> None:
+        for r in reqs:
+            r.kv.lengths[0] = len(r.tokens)
+            r.output.append(1)
+
+    def decode(self, reqs: list[Request]) -> None:
+        for r in reqs:
+            d0 = r.next_depth - 1
+            assert r.kv.lengths[d0] < len(r.kv.tables[d0]) * self.pool.block_size  # the plan allocated it
+            r.kv.lengths[d0] += 1
+            self.t += 1
+            if r.next_depth == 1 and self.t % 3 == 0:
+                r.next_depth = 2
+            else:
+                r.next_depth = 1
+                r.output.append(1)
+
+
+def test_scheduler_plans_with_a_fake_runner():
+    pool = BlockPool(10, 4, 1, 1, 2, torch.float32, "cpu")
+    s = Scheduler(pool, max_num_seqs=3, max_prefill_tokens=64, deep_reserve=0.0, prefix_caching=False)
+    run = FakeRunner(pool)
+    reqs = [_req(f"r{i}", n, i) for i, n in enumerate((7, 5, 9, 3))]
+    for r in reqs:
+        s.add(r)
+    plan = s.schedule(lambda r: "")
+    # FIFO within blocks: r0 (2 blocks), r1 (2), r2 (3) -> 7 of 10; r3 would fit but max_num_seqs = 3.
+    assert [r.rid for r in plan.prefill] == ["r0", "r1", "r2"] and not plan.decode
+    assert {k: len(v) for k, v in plan.allocated.items()} == {"r0": 2, "r1": 2, "r2": 3}
+    assert pool.num_used == 7
+    run.prefill(plan.prefill)
+    seen_preempt = []
+    for _ in range(40):
+        plan = s.schedule(lambda r: "")
+        seen_preempt += [r.rid for r in plan.preempted]
+        for r in plan.preempted:  # the newest running goes first, blocks freed, back in age order
+            assert r.kv.blocks() == [] and r in s.waiting
+        assert [w.seq for w in s.waiting] == sorted(w.seq for w in s.waiting)
+        assert pool.num_used == sum(len(r.kv.blocks()) for r in s.running)
+        run.decode(plan.decode)
+        run.prefill(plan.prefill)
+        for r in list(s.running):
+            if len(r.output) >= r.max_tokens:
+                s.finish(r)
+        if not s.has_work():
+            break
+    assert not s.has_work() and pool.num_used == 0 and seen_preempt and s.num_preemptions == len(seen_preempt)
+    assert seen_preempt[0] == "r2"
+
+
+def test_scheduler_admission_reserves_deeper_blocks_and_refuses_what_cannot_fit():
+    pool = BlockPool(6, 4, 1, 1, 2, torch.float32, "cpu")
+    s = Scheduler(pool, max_num_seqs=4, max_prefill_tokens=64, deep_reserve=0.5, prefix_caching=False)
+    a, b = _req("a", 8, 0), _req("b", 8, 1)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule(lambda r: "")
+    # a: 2 depth-1 blocks + ceil(0.5 * 8 / 4) = 1 reserved; b would need 3 more of the 3 left after a's
+    # reserve... 6 - 2 - 1 = 3 -> admitted; both hold 2 blocks, 2 stay free for the reserves.
+    assert [r.rid for r in plan.prefill] == ["a", "b"] and pool.num_free == 2
+    c = _req("c", 4, 2)
+    s.add(c)
+    plan = s.schedule(lambda r: "")  # 1 block and its own reserve of 1 are free
+    assert [r.rid for r in plan.prefill] == ["c"] and pool.num_free == 1
+    d = _req("d", 4, 3)
+    s.add(d)
+    assert not s.schedule(lambda r: "").prefill  # 1 + 1 reserved > 1 free: the oldest waits
+    for r in (a, b, c):
+        s.finish(r)
+    assert [r.rid for r in s.schedule(lambda r: "").prefill] == ["d"]
+    s.finish(d)
+    s.add(_req("big", 30, 4))  # 8 blocks > 6: refused with a clear error when it is alone
+    plan = s.schedule(lambda r: "")
+    assert [r.rid for r, _ in plan.failed] == ["big"] and "pool holds 6" in str(plan.failed[0][1])
+    assert pool.num_used == 0 and not s.has_work()
+    with pytest.raises(NoFreeBlocks):
+        pool.allocate(7)
+
+
+def test_block_pool_prefix_cache_lru_and_refcounts():
+    pool = BlockPool(4, 2, 1, 1, 2, torch.float32, "cpu")
+    from tah.engine.kv import DeepPayload, chain_hashes
+    h = chain_hashes([1, 2, 3, 4], 2, 2, "s")
+    assert h == chain_hashes([1, 2, 3, 4, 9], 2, 2, "s") and h[0] != chain_hashes([1, 2], 2, 1, "t")[0]
+    b = pool.allocate(2)
+    pool.register(b[0], h[0], DeepPayload())
+    pool.register(b[1], h[1], DeepPayload())
+    pool.free(b)
+    assert pool.num_free == 4 and pool.lookup(h) == b
+    pool.take(b[:1])
+    assert pool.num_free == 3 and pool.ref[b[0]] == 1
+    got = pool.allocate(3)  # two plain free blocks, then the LRU cached one (b[1]) is evicted
+    assert b[1] in got and pool.lookup(h) == b[:1]
+    pool.free(got)
+    pool.free(b[:1])
+    with pytest.raises(RuntimeError, match="freed twice"):
+        pool.free(b[:1])
+    assert pool.num_used == 0
+
+
+def test_output_processor_stops_lengths_and_logprobs():
+    failed = []
+    proc = OutputProcessor({2}, max_model_len=12, fail=lambda rs, e, ev: failed.extend(rs))
+    r_eos, r_stop, r_len = _req("e", 3, 0), _req("s", 3, 1), _req("l", 3, 2, max_tokens=1)
+    r_stop.stop_ids = frozenset({5})
+    r_len.params = SamplingParams(max_tokens=1, logprobs=2, temperature=0.0)
+    logits = torch.full((3, 8), -5.0)
+    logits[0, 2] = logits[1, 5] = logits[2, 6] = 5.0
+    logits[2, 1] = 4.0
+    events: list[TokenEvent] = []
+    proc.process(logits, [1, 2, 1], [r_eos, r_stop, r_len], events)
+    assert [(e.token_id, e.finish_reason, e.depth) for e in events] == [(2, "stop", 1), (5, "stop", 2), (6, "length", 1)]
+    want = logits[2] - torch.logsumexp(logits[2], 0)
+    assert math.isclose(events[2].logprob, float(want[6]), rel_tol=1e-6)
+    assert [t for t, _ in events[2].top_logprobs] == [6, 1] and not failed
+    assert r_stop.stats.depth_counts == {2: 1} and r_len.stats.generated_tokens == 1
