@@ -138,6 +138,20 @@ class _Metrics:
         self.waiting = Gauge("tah_num_requests_waiting", "Requests waiting for a slot", registry=r)
         self.share = Gauge("tah_iterated_token_share", "Share of generated tokens that iterated", registry=r)
         self.requests = Counter("tah_requests", "Finished requests", ["finish_reason"], registry=r)
+        # The engine's KV pool and scheduler, under vLLM's names where it has one (gauges set from
+        # Engine.stats() at scrape time; its counters are cumulative, exported as gauges of the total).
+        self.kv_usage = Gauge("tah_kv_cache_usage_perc", "KV-cache usage: share of KV blocks held (1 = full)",
+                              registry=r)
+        self.kv_blocks = Gauge("tah_kv_cache_blocks", "KV blocks by state", ["state"], registry=r)
+        self.prefix_queries = Gauge("tah_prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                    "(cumulative)", registry=r)
+        self.prefix_hits = Gauge("tah_prefix_cache_hits", "Prompt tokens served from the prefix cache (cumulative)",
+                                 registry=r)
+        self.preemptions = Gauge("tah_num_preemptions", "Requests preempted for KV blocks (cumulative)", registry=r)
+        self.deep_reserve = Gauge("tah_deep_reserve_share", "Admission reserve: expected share of tokens at depth 2",
+                                  registry=r)
+        self.tokens_ran = Gauge("tah_engine_tokens_by_depth", "Tokens the engine ran at each depth (prompt and "
+                                "generated, cumulative)", ["depth"], registry=r)
         self.n_generated = self.n_iterated = 0
 
     def token(self, depth: int) -> None:
@@ -355,6 +369,17 @@ class TaHServer:
         m.running.set(self.engine.num_running)
         m.waiting.set(self.engine.num_waiting)
         m.share.set(m.n_iterated / m.n_generated if m.n_generated else 0.0)
+        st = self.engine.stats()
+        m.kv_usage.set(st["kv_cache_usage_perc"])
+        m.kv_blocks.labels(state="used").set(st["kv_blocks_used"])
+        m.kv_blocks.labels(state="total").set(st["kv_blocks_total"])
+        m.prefix_queries.set(st["prefix_cache_queries"])
+        m.prefix_hits.set(st["prefix_cache_hits"])
+        m.preemptions.set(st["num_preemptions"])
+        m.deep_reserve.set(st["deep_reserve_share"])
+        for k, v in st.items():
+            if k.startswith("tokens_at_depth_"):
+                m.tokens_ran.labels(depth=k.rsplit("_", 1)[1]).set(v)
         return PlainTextResponse(generate_latest(m.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     @fastapi_app.post("/v1/completions")

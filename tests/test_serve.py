@@ -240,7 +240,9 @@ def test_client_disconnect_frees_the_slot(server):
     text = urllib.request.urlopen(server["url"] + "/metrics", timeout=10).read().decode()
     for name in ("tah_time_to_first_token_seconds", "tah_inter_token_latency_seconds", "tah_e2e_request_latency_seconds",
                  "tah_prompt_tokens_total", "tah_generation_tokens_total", "tah_iterated_token_share",
-                 'tah_generation_tokens_by_depth_total{depth="1"}', 'tah_prompt_tokens_by_depth_total{depth="1"}'):
+                 'tah_generation_tokens_by_depth_total{depth="1"}', 'tah_prompt_tokens_by_depth_total{depth="1"}',
+                 "tah_kv_cache_usage_perc", "tah_prefix_cache_queries", "tah_prefix_cache_hits", "tah_num_preemptions",
+                 "tah_deep_reserve_share", 'tah_engine_tokens_by_depth{depth="1"}'):
         assert name in text
 
 

@@ -1,0 +1,196 @@
+"""Engine v2 against today's engine (the preallocated TaHCache engine, loaded from git) in one run; prints
+the ratios side by side.
+
+Measured, on a random Qwen3 (bench/engine.py's DIMS, default "small": 4 layers x 256, vocabulary 8192),
+threshold calibrated to ~7 % iterated (v1) and the TaH2 model (M = 4) at its median threshold:
+- KV bytes held per live token (blocks held x bytes per block / tokens live, averaged over decode steps),
+  TaH ÷ Standard and TaH2 ÷ Standard (against TaH2's measured average depth d̄);
+- sequences served concurrently at one fixed KV budget (today's reservation for `--budget-seqs`
+  sequences), v2 ÷ today;
+- decode tok/s, Standard paged ÷ Standard today at batch 32, and TaH ÷ Standard (v2) at batch 1 and 8;
+- time to first token of a request whose 1024-token prefix is cached ÷ one whose is not.
+
+    PYTHONPATH=. python bench/engine_v2.py                 # ~ minutes on 2 CPU cores
+    PYTHONPATH=. python bench/engine_v2.py --size tiny --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine import DIMS  # noqa: E402
+
+TODAY_COMMIT = "4bbe038"  # the branch point: the last commit with tah/engine.py (the preallocated engine)
+
+
+def today_engine_module():
+    """tah/engine.py as of TODAY_COMMIT, imported as tah._engine_today (its relative imports resolve)."""
+    src = subprocess.run(["git", "show", f"{TODAY_COMMIT}:tah/engine.py"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parent.parent).stdout
+    path = Path("/tmp/_tah_engine_today.py")
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("tah._engine_today", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build(size: str, share: float):
+    from tah import TaHConfig, TaHForCausalLM
+    from tah.config import DeciderSettings, LoraSettings
+    from tah.testing import randomize_lora, tiny_qwen3
+
+    dims = DIMS[size]
+    torch.manual_seed(0)
+    v1 = TaHForCausalLM.from_backbone(tiny_qwen3(**dims, initializer_range=0.02), TaHConfig(
+        max_depth=2, lora=LoraSettings(r=16, alpha=32, dropout=0.0), decider=DeciderSettings(width=64, blocks=2,
+                                                                                            dropout=0.0))).eval()
+    randomize_lora(v1, scale=0.05)
+    ids = torch.randint(3, dims["vocab_size"], (4, 64))
+    with torch.no_grad():
+        probs = torch.sigmoid(v1(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0].float())
+    thr = float(torch.quantile(probs.flatten(), 1 - share))
+    tah2 = TaHForCausalLM.from_backbone(tiny_qwen3(**dims, initializer_range=0.02), TaHConfig.tah2(max_depth=4)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        tah2.decider.score.weight.copy_(0.5 * torch.randn(tah2.decider.score.weight.shape, generator=g))
+        p2 = torch.sigmoid(tah2(ids, depths=torch.full_like(ids, 4)).decider_logits.float()).flatten()
+    thr2 = float(p2.median())
+    return v1, thr, tah2, thr2, dims["vocab_size"]
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=g).tolist()
+
+
+def kv_per_token(eng, ps, sp) -> tuple[float, float]:
+    """(bytes held per live token averaged over steps, average depth of generated tokens)."""
+    for p in ps:
+        eng.add_request(p, sp)
+    samples, depths = [], []
+    while eng.has_work():
+        for ev in eng.step():
+            if ev.token_id >= 0:
+                depths.append(ev.depth)
+        live = sum(len(r.prompt) + len(r.output) for r in eng.running)
+        if live and eng.num_running == len(ps):
+            samples.append(eng.pool.num_used * eng.pool.bytes_per_block() / live)
+    return statistics.mean(samples), statistics.mean(depths)
+
+
+def decode_tps(eng, ps, sp) -> float:
+    """Generated tokens per second of decode steps (the prefill step excluded)."""
+    for p in ps:
+        eng.add_request(p, sp)
+    eng.step()
+    n, t0 = 0, time.perf_counter()
+    while eng.has_work():
+        n += sum(1 for e in eng.step() if e.token_id >= 0)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="small", choices=list(DIMS))
+    ap.add_argument("--share", type=float, default=0.07)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--budget-seqs", type=int, default=8, help="KV budget = today's reservation for this many")
+    ap.add_argument("--prefix", type=int, default=1024)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from tah.engine import Engine, EngineConfig
+    from tah.engine import SamplingParams as SP
+
+    today = today_engine_module()
+    v1, thr, tah2, thr2, V = build(args.size, args.share)
+    std = copy.deepcopy(v1)
+    greedy = SP(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    L = args.max_model_len
+    rows: list[tuple[str, str, str, str]] = []
+
+    def cfg(**kw) -> EngineConfig:
+        return EngineConfig(**{"max_num_seqs": 8, "max_model_len": L, "enable_prefix_caching": False, **kw})
+
+    ps8 = prompts(8, args.prompt_len, V)
+    b_std, _ = kv_per_token(Engine(std, cfg(depth_policy="standard")), ps8, greedy)
+    b_tah, d_tah = kv_per_token(Engine(v1, cfg(threshold=thr)), ps8, greedy)
+    b_t2, d_t2 = kv_per_token(Engine(tah2, cfg(threshold=thr2)), ps8, greedy)
+    b_std2, _ = kv_per_token(Engine(tah2, cfg(depth_policy="standard")), ps8, greedy)
+    rows.append(("KV bytes / live token, TaH ÷ Standard", "2.0", f"{b_tah / b_std:.3f} (iterated {d_tah - 1:.1%})",
+                 "≤ 1.10"))
+    rows.append(("KV bytes / live token, TaH2 M=4 ÷ Standard", "4.0", f"{b_t2 / b_std2:.3f} (d̄ {d_t2:.2f})",
+                 f"≤ {1.05 * d_t2:.2f} (1.05·d̄)"))
+
+    # Concurrency at one KV budget: today's reservation for budget_seqs sequences of L tokens x 2 depths.
+    budget_tokens = args.budget_seqs * L * 2
+    many = prompts(64, args.prompt_len, V, seed=1)
+    eng = Engine(v1, cfg(threshold=thr, max_num_seqs=64, num_kv_blocks=budget_tokens // 16))
+    for p in many:
+        eng.add_request(p, greedy)
+    conc = []
+    while eng.has_work():
+        eng.step()
+        if eng.num_waiting:
+            conc.append(eng.num_running)
+    rows.append(("sequences at one KV budget, v2 ÷ today", "1.0",
+                 f"{statistics.mean(conc) / args.budget_seqs:.2f} ({statistics.mean(conc):.1f} vs "
+                 f"{args.budget_seqs}; {eng.scheduler.num_preemptions} preemptions)", "≥ 1.8"))
+
+    # Decode throughput.
+    ps32 = prompts(32, args.prompt_len, V, seed=2)
+    t_today = decode_tps(today.Engine(std, today.EngineConfig(max_num_seqs=32, max_model_len=L,
+                                                              depth_policy="standard")), ps32, greedy)
+    t_paged = decode_tps(Engine(std, cfg(max_num_seqs=32, depth_policy="standard")), ps32, greedy)
+    rows.append(("decode tok/s Standard paged ÷ Standard today, batch 32", "—",
+                 f"{t_paged / t_today:.2f} ({t_paged:.0f} / {t_today:.0f})", "≥ 1.0"))
+    for b in (1, 8):
+        pb = prompts(b, args.prompt_len, V, seed=3)
+        ts = decode_tps(Engine(std, cfg(max_num_seqs=b, depth_policy="standard")), pb, greedy)
+        tt = decode_tps(Engine(v1, cfg(max_num_seqs=b, threshold=thr)), pb, greedy)
+        to = decode_tps(today.Engine(v1, today.EngineConfig(max_num_seqs=b, max_model_len=L, threshold=thr)), pb, greedy)
+        rows.append((f"decode tok/s TaH ÷ Standard (v2), batch {b}", "0.73 / 0.65", f"{tt / ts:.2f} "
+                     f"(TaH v2 ÷ TaH today {tt / to:.2f})", "≥ 0.92 / 0.85"))
+
+    # TTFT with a shared prefix: hit vs miss.
+    pre = prompts(1, args.prefix, V, seed=4)[0]
+    sfx = prompts(3, 16, V, seed=5)
+    one = SP(max_tokens=1, temperature=0.0)
+    lp = args.prefix + 64
+
+    def ttft(eng, p) -> float:
+        eng.add_request(p, one)
+        t0 = time.perf_counter()
+        eng.step()
+        return time.perf_counter() - t0
+
+    hit_eng = Engine(v1, cfg(threshold=thr, max_model_len=lp, enable_prefix_caching=True))
+    ttft(hit_eng, pre + sfx[0])
+    hit = statistics.median([ttft(hit_eng, pre + s) for s in sfx[1:]] * 1)
+    miss_eng = Engine(v1, cfg(threshold=thr, max_model_len=lp))
+    miss = statistics.median([ttft(miss_eng, pre + s) for s in sfx[1:]])
+    rows.append((f"TTFT, {args.prefix}-token shared prefix, hit ÷ miss", "—", f"{hit / miss:.3f} "
+                 f"({hit * 1e3:.0f} ms / {miss * 1e3:.0f} ms)", "≤ 0.2"))
+
+    print(f"\nsize={args.size} prompt={args.prompt_len} new={args.new_tokens} threads=2")
+    w = max(len(r[0]) for r in rows)
+    print(f"{'metric':<{w}} | today | v2 | target")
+    for r in rows:
+        print(f"{r[0]:<{w}} | {r[1]} | {r[2]} | {r[3]}")
+
+
+if __name__ == "__main__":
+    main()
