@@ -24,6 +24,17 @@ import time
 import torch
 
 
+# Random Qwen3 shapes (bench/tah2_decode.py reuses them).
+DIMS = {"tiny": dict(vocab_size=1024, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                     intermediate_size=128),
+        "small": dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32,
+                      intermediate_size=768),
+        "medium": dict(vocab_size=32768, hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8,
+                       head_dim=64, intermediate_size=3072),
+        "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+                           head_dim=128, intermediate_size=3072)}
+
+
 def build(args: argparse.Namespace):
     from tah import TaHConfig, TaHForCausalLM
     from tah.config import DeciderSettings, LoraSettings
@@ -39,14 +50,7 @@ def build(args: argparse.Namespace):
 
         hf = AutoModelForCausalLM.from_pretrained(storage.local_copy(args.checkpoint), dtype=dtype).to(dev).eval()
         return model, hf, args.threshold, model.backbone.config.vocab_size
-    dims = {"tiny": dict(vocab_size=1024, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
-                         intermediate_size=128),
-            "small": dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32,
-                          intermediate_size=768),
-            "medium": dict(vocab_size=32768, hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8,
-                           head_dim=64, intermediate_size=3072),
-            "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
-                               head_dim=128, intermediate_size=3072)}[args.size]  # the shape; weights random
+    dims = DIMS[args.size]  # the shape; weights random
     hf = tiny_qwen3(**dims, initializer_range=0.02).to(dev, dtype)
     ref = copy.deepcopy(hf)
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 
     python jobs/eval.py models.tah=runs/tiny/train/tah/stage2/model limit=60
     python jobs/eval.py --config jobs/configs/eval/tiny.yaml models.tah=runs/tiny/train/tah/stage2/model
+    python jobs/eval.py models.tah2=CKPT threshold=0.5 max_depth=2      # a TaH2 checkpoint, capped at depth 2
     ray job submit --working-dir . -- python jobs/eval.py --config jobs/configs/eval/paper.yaml \
         models.tah=s3://bucket/tah/stage2/model output=s3://bucket/tah/eval
 
@@ -30,9 +31,10 @@ class EvalConfig:
     """jobs/eval.py: checkpoints x benchmarks through the serving engine, graded, summarised."""
 
     ALIASES: ClassVar[dict[str, str]] = {
-        **{k: f"sampling.{k}" for k in ("temperature", "top_p", "top_k", "min_p", "max_tokens")},
+        **{k: f"sampling.{k}" for k in ("temperature", "top_p", "top_k", "min_p", "max_tokens", "max_depth")},
         **{k: f"engine.{k}" for k in ("threshold", "max_num_seqs", "max_model_len")}}
-    """The flat names of earlier recipes (`max_tokens=256`, `threshold=0.8`) still work as overrides."""
+    """The flat names of earlier recipes (`max_tokens=256`, `threshold=0.8`) still work as overrides
+    (`max_depth=2`: every request of a TaH2 checkpoint capped at depth 2)."""
 
     models: dict[str, str] = field(default_factory=dict)
     """Name -> TaH checkpoint (local dir or s3://), e.g. {tah: runs/tiny/train/tah/stage2/model}."""

@@ -1,13 +1,14 @@
-"""Ray Tune sweeps: the decider threshold (evaluation only), and LoRA rank x pruned layer x learning
-rate (train + evaluate, ASHA on the validation loss).
+"""Ray Tune sweeps: the decider threshold or the maximum depth (evaluation only), and LoRA rank x pruned
+layer x learning rate (train + evaluate, ASHA on the validation loss).
 
     python jobs/sweep.py --config jobs/configs/sweep/tiny-threshold.yaml     # after `make run`
     python jobs/sweep.py --config jobs/configs/sweep/tiny-train.yaml
     ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sweep/qwen3-1.7b.yaml \\
         output=s3://bucket/sweeps train.labels=s3://bucket/labels
 
-`kind: threshold` decodes the evaluation problems with one TaH checkpoint once per threshold (label
-once, decode many; one engine per trial). `kind: train` trains TaH (stage 1 + stage 2) once per grid
+`kind: threshold` decodes the evaluation problems with one TaH checkpoint (v1 or TaH2) once per threshold
+(label once, decode many; one engine per trial); `kind: max_depth` likewise once per maximum depth
+(`max_depths`: each request's max_depth, 1..the checkpoint's M, at the eval's threshold). `kind: train` trains TaH (stage 1 + stage 2) once per grid
 point: each trial is a Ray Tune function that runs a Ray Train `TorchTrainer` (Ray 2.60's way of
 running Train inside Tune; a callback forwards the workers' reports), then evaluates the model.
 ASHA stops trials whose stage-1 validation loss lags. Trials are named after their settings, so
@@ -51,14 +52,16 @@ class AshaSettings:
 class SweepConfig:
     """jobs/sweep.py: a grid of trials, each evaluated on the same problems."""
 
-    kind: Literal["threshold", "train"] = "threshold"
-    """threshold (evaluation only) | train (LoRA rank x pruned layer x lr: train then evaluate)."""
+    kind: Literal["threshold", "max_depth", "train"] = "threshold"
+    """threshold | max_depth (evaluation only) | train (LoRA rank x pruned layer x lr: train then evaluate)."""
     name: str = "sweep"
     output: str = "runs/sweep"
     """Tune's storage and the results (local dir or s3://bucket/prefix)."""
     checkpoint: str = "runs/tiny/train/tah_plus/stage2/model"
-    """kind=threshold: the TaH checkpoint to decode with."""
+    """kind=threshold | max_depth: the TaH checkpoint to decode with."""
     thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.95, 0.99])
+    max_depths: list[int] = field(default_factory=list)
+    """kind=max_depth: the maximum depths to decode with (1 = the backbone alone)."""
     lora_ranks: list[int] = field(default_factory=list)
     """kind=train grid axes; an empty axis keeps the template's value."""
     prune_layers: list[int] = field(default_factory=list)
@@ -83,6 +86,10 @@ class SweepConfig:
             raise ValueError("kind=threshold needs at least one value in thresholds")
         if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
             raise ValueError(f"thresholds must lie in [0, 1], got {self.thresholds}")
+        if self.kind == "max_depth" and not self.max_depths:
+            raise ValueError("kind=max_depth needs at least one value in max_depths")
+        if any(not isinstance(m, int) or m < 1 for m in self.max_depths):
+            raise ValueError(f"max_depths must be integers >= 1, got {self.max_depths}")
         if self.kind == "train" and self.train.method != "tah":
             raise ValueError(f"kind=train sweeps TaH: train.method must be tah, got {self.train.method!r}")
         if any(r < 1 for r in self.lora_ranks) or any(p < -2 for p in self.prune_layers):
@@ -93,6 +100,8 @@ def grid(cfg: SweepConfig) -> list[dict[str, Any]]:
     """Every trial's settings, in a fixed order."""
     if cfg.kind == "threshold":
         return [{"threshold": t} for t in cfg.thresholds]
+    if cfg.kind == "max_depth":
+        return [{"max_depth": m} for m in cfg.max_depths]
     ranks = cfg.lora_ranks or [cfg.train.model.lora.r]
     template_layer = -1 if not cfg.train.prune else (-2 if cfg.train.prune_layer is None else cfg.train.prune_layer)
     layers = cfg.prune_layers or [template_layer]
@@ -104,6 +113,8 @@ def trial_name(point: dict[str, Any]) -> str:
     """A stable name from the settings: a restored sweep finds each trial's Train run under it."""
     if "threshold" in point:
         return f"threshold-{point['threshold']:g}"
+    if "max_depth" in point:
+        return f"max_depth-{point['max_depth']}"
     layer = {-1: "none", -2: "auto"}.get(point["prune_layer"], str(point["prune_layer"]))
     return f"r{point['lora_r']}-prune-{layer}-lr{point['lr']:g}"
 
@@ -118,13 +129,16 @@ def trial_train_config(cfg: SweepConfig, point: dict[str, Any]) -> TrainConfig:
                                prune_layer=layer if layer >= 0 else None)
 
 
-def evaluate(checkpoint: str, cfg: SweepConfig, threshold: float | None) -> dict[str, float]:
-    """Decode the problems with one engine in this process, grade, and (with labels) measure the
-    teacher-forced next-token accuracy at the same threshold."""
+def evaluate(checkpoint: str, cfg: SweepConfig, threshold: float | None,
+             max_depth: int | None = None) -> dict[str, float]:
+    """Decode the problems with one engine in this process (every request capped at `max_depth`, None:
+    the checkpoint's), grade, and (with labels) measure the teacher-forced next-token accuracy at the
+    same threshold and depth cap."""
     from tah.eval.benchmarks import load_benchmark
     from tah.eval.harness import grade, run_local, summarize
 
-    ecfg = dataclasses.replace(cfg.eval, engine=dataclasses.replace(cfg.eval.engine, threshold=threshold))
+    ecfg = dataclasses.replace(cfg.eval, engine=dataclasses.replace(cfg.eval.engine, threshold=threshold),
+                               sampling=dataclasses.replace(cfg.eval.sampling, max_depth=max_depth))
     problems = [p for b in ecfg.benchmarks for p in load_benchmark(b, ecfg.sources.get(b), ecfg.limit)]
     records = grade(run_local(checkpoint, problems, ecfg.batch_size, **worker_args(ecfg)), problems,
                     ecfg.grade_workers, ecfg.sandbox)
@@ -135,17 +149,19 @@ def evaluate(checkpoint: str, cfg: SweepConfig, threshold: float | None) -> dict
            "avg_depth": sum(r["avg_depth"] * r["samples"] for r in rows) / n,
            "tokens_per_s": sum(r["tokens_per_s"] * r["samples"] for r in rows) / n,
            "parameters": rows[0]["parameters"]}
-    if ecfg.labels:
-        out.update(token_metrics(checkpoint, ecfg.labels, threshold))
+    if ecfg.labels and (max_depth is None or max_depth >= 2):  # (at depth 1 alone nothing iterates)
+        out.update(token_metrics(checkpoint, ecfg.labels, threshold, max_depth=max_depth))
     return out
 
 
-def token_metrics(checkpoint: str, labels: str, threshold: float | None, max_rows: int = 32) -> dict[str, float]:
+def token_metrics(checkpoint: str, labels: str, threshold: float | None, max_rows: int = 32,
+                  max_depth: int | None = None) -> dict[str, float]:
     from tah import TaHForCausalLM
     from tah.data.labeling import read_validation_rows
     from tah.eval.analysis import token_analysis
 
-    model = TaHForCausalLM.from_pretrained(checkpoint, **({"threshold": threshold} if threshold is not None else {}))
+    overrides = {k: v for k, v in (("threshold", threshold), ("max_depth", max_depth)) if v is not None}
+    model = TaHForCausalLM.from_pretrained(checkpoint, **overrides)
     res = token_analysis(model, read_validation_rows(labels)[:max_rows], thresholds=())
     return {"token_acc": res["accuracy"]["decider"], "token_acc_depth1": res["accuracy"]["depth1"],
             "token_acc_oracle": res["accuracy"]["oracle"], "token_pct_iterated": 100 * res["iterated_share"]["decider"],
@@ -154,13 +170,15 @@ def token_metrics(checkpoint: str, labels: str, threshold: float | None, max_row
 
 
 def threshold_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
-    """One Tune trial: decode at config["threshold"]."""
+    """One evaluation-only Tune trial: decode at config["threshold"] or config["max_depth"] (the other
+    setting: the eval's engine threshold / the checkpoint's M)."""
     import ray.tune
 
     from tah.config import from_dict
 
     cfg = from_dict(SweepConfig, sweep)
-    ray.tune.report(evaluate(cfg.checkpoint, cfg, config["threshold"]))
+    ray.tune.report(evaluate(cfg.checkpoint, cfg, config.get("threshold", cfg.eval.engine.threshold),
+                             config.get("max_depth")))
 
 
 def _stage_report_callback(stage1_val_loss: float | None):
@@ -222,11 +240,11 @@ def tuner(cfg: SweepConfig):
     from tah import storage
     from tah.config import to_dict
 
-    fn = threshold_trial if cfg.kind == "threshold" else train_trial
+    fn = train_trial if cfg.kind == "train" else threshold_trial
     # A train trial only drives its TorchTrainer, whose workers reserve their own CPUs/GPUs: the trial
     # takes no CPU (a fraction would leave no whole CPU for a worker on a small node). Tune refuses an
     # empty request, so it asks for a little memory instead.
-    resources = ({"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial} if cfg.kind == "threshold"
+    resources = ({"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial} if cfg.kind != "train"
                  else {"cpu": 0, "memory": 2**26})
     trainable = ray.tune.with_resources(ray.tune.with_parameters(fn, sweep=to_dict(cfg)), resources)
     storage_fs, storage_path = (storage.pyarrow_fs(cfg.output) if storage.is_s3(cfg.output)
@@ -252,6 +270,8 @@ def tuner(cfg: SweepConfig):
 
 COLUMNS = {"threshold": ("trial", "threshold", "accuracy", "pct_iterated", "tokens_per_s", "token_acc",
                          "token_pct_iterated", "decider_precision", "decider_recall"),
+           "max_depth": ("trial", "max_depth", "accuracy", "avg_depth", "pct_iterated", "tokens_per_s", "token_acc",
+                         "token_pct_iterated"),
            "train": ("trial", "lora_r", "prune_layer", "lr", "status", "stopped_at_step", "val_loss",
                      "decider_val_loss", "accuracy", "pct_iterated", "ppl_increase", "parameters", "token_acc",
                      "token_acc_oracle")}
@@ -263,7 +283,7 @@ def collect(cfg: SweepConfig, results) -> list[dict[str, Any]]:
     for r in results:
         m = dict(r.metrics or {})
         point = {k: r.config[k] for k in r.config}
-        finished = m.get("stage") == 3 or cfg.kind == "threshold"
+        finished = m.get("stage") == 3 or cfg.kind != "train"
         status = "error" if r.error else ("done" if finished else "stopped")
         row = {"trial": trial_name(point), **point, "status": status,
                **{k: v for k, v in m.items() if isinstance(v, (int, float, str)) and k not in point}}
@@ -289,6 +309,8 @@ def best_recipe(cfg: SweepConfig, best: dict[str, Any]) -> dict[str, Any]:
 
     if cfg.kind == "threshold":
         tc = dataclasses.replace(cfg.train, model=dataclasses.replace(cfg.train.model, threshold=best["threshold"]))
+    elif cfg.kind == "max_depth":
+        tc = dataclasses.replace(cfg.train, model=dataclasses.replace(cfg.train.model, max_depth=best["max_depth"]))
     else:
         tc = trial_train_config(cfg, best)
     # Its own run name: training it never lands on (and skips as finished) the template's run.
@@ -334,6 +356,20 @@ def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> None:
         from tah.eval.analysis import plot_threshold
 
         plot_threshold(rows, out / "threshold.png", accuracy="pass@1", extra={"token_acc": "token acc"})
+        return
+    if cfg.kind == "max_depth":
+        sel = sorted(rows, key=lambda r: r["max_depth"])
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([r["max_depth"] for r in sel], [r.get("accuracy", float("nan")) for r in sel], "o-", label="pass@1")
+        ax.set_xlabel("maximum depth")
+        ax.set_ylabel("pass@1")
+        ax2 = ax.twinx()
+        ax2.plot([r["max_depth"] for r in sel], [r.get("avg_depth", float("nan")) for r in sel], "s--",
+                 color="tab:orange")
+        ax2.set_ylabel("average depth", color="tab:orange")
+        fig.tight_layout()
+        fig.savefig(out / "max_depth.png", dpi=120)
+        plt.close(fig)
         return
     for axis, ys, fname in (("lora_r", ("val_loss",), "lora_rank.png"),
                             ("prune_layer", ("ppl_increase", "accuracy"), "pruned_layer.png")):
@@ -386,7 +422,7 @@ def run(cfg: SweepConfig) -> list[dict[str, Any]]:
         eval=dataclasses.replace(cfg.eval, labels=absolute_local(cfg.eval.labels),
                                  tokenizer=absolute_local(cfg.eval.tokenizer),
                                  sources={k: absolute_local(v) for k, v in cfg.eval.sources.items()}))
-    if cfg.kind == "threshold" and not (storage.is_s3(cfg.checkpoint) or Path(cfg.checkpoint, "tah_config.json").exists()):
+    if cfg.kind != "train" and not (storage.is_s3(cfg.checkpoint) or Path(cfg.checkpoint, "tah_config.json").exists()):
         raise SystemExit(f"no TaH checkpoint at {cfg.checkpoint}: run `make run` first or pass checkpoint=")
     if cfg.kind == "train":
         check_state_api()

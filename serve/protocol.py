@@ -2,7 +2,12 @@
 
 No Ray here: serve/tah.py wires these into a Ray Serve deployment. Requests are validated strictly
 (wrong types and unknown fields are 400s in OpenAI's error shape); the non-OpenAI knobs top_k,
-min_p, threshold (the decider's), ignore_eos, stop_token_ids are accepted as extra body fields.
+min_p, threshold (the decider's), max_depth (the deepest depth this request's tokens may run, 1..the
+model's), ignore_eos, stop_token_ids are accepted as extra body fields. `usage` adds, beside OpenAI's
+counts, `iterated_tokens` (completion tokens produced at depth >= 2), `depth_counts` (a list of the
+model's max_depth entries: [d - 1] = completion tokens sampled from the output of exactly depth d, the
+depth where their decider stopped, so it sums to completion_tokens) and `prompt_depth_counts` (the
+prompt's tokens by the depth they ran at prefill, likewise).
 Every field is bounded (`parse` with the server's `Limits`): a request is refused here, with a 4xx,
 before anything of it reaches the tokenizer or the engine.
 
@@ -63,6 +68,8 @@ class Limits:
     """The longest token's text: a prompt of more characters than max_model_len x this cannot fit."""
     min_request_threshold: float = 0.0
     """The lowest decider threshold a request may ask for (lower = more tokens at depth 2)."""
+    max_depth: int | None = None
+    """The served model's maximum depth M: a request's max_depth may not exceed it."""
 
     @property
     def max_prompt_chars(self) -> int:
@@ -97,6 +104,7 @@ class _Common(_Strict):
     top_k: int = Field(default=20, ge=0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_depth: int | None = Field(default=None, ge=1)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
 
@@ -114,13 +122,16 @@ class _Common(_Strict):
         if self.threshold is not None and self.threshold < limits.min_request_threshold:
             raise APIError(400, f"threshold must be at least {limits.min_request_threshold} on this server "
                                 f"(a lower threshold runs more tokens at depth 2)", param="threshold")
+        if self.max_depth is not None and limits.max_depth is not None and self.max_depth > limits.max_depth:
+            raise APIError(400, f"max_depth must be between 1 and this model's maximum depth {limits.max_depth}, "
+                                f"got {self.max_depth}", param="max_depth")
 
     def sampling(self, logprobs: int | None, index: int) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, min_p=self.min_p,
                               seed=None if self.seed is None else self.seed + index,
                               stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-                              logprobs=logprobs, threshold=self.threshold)
+                              logprobs=logprobs, threshold=self.threshold, max_depth=self.max_depth)
 
 
 def _too_long(limits: Limits, what: str, n: int) -> APIError:
@@ -309,9 +320,25 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, iterated: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "iterated_tokens": iterated}
+def usage(prompt_tokens: int, completion_tokens: int, iterated: int, depth_counts: list[int] | None = None,
+          prompt_depth_counts: list[int] | None = None) -> dict[str, Any]:
+    """OpenAI's usage plus TaH's: iterated_tokens, and with a model's depths depth_counts and
+    prompt_depth_counts (lists indexed by depth - 1, see the module docstring)."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens, "iterated_tokens": iterated}
+    if depth_counts is not None:
+        out["depth_counts"] = depth_counts
+    if prompt_depth_counts is not None:
+        out["prompt_depth_counts"] = prompt_depth_counts
+    return out
+
+
+def depth_list(counts: dict[int, int], max_depth: int) -> list[int]:
+    """{depth: tokens} -> [tokens at depth 1, ..., at depth max_depth]."""
+    bad = [d for d in counts if not 1 <= d <= max_depth]
+    if bad:
+        raise ValueError(f"depths {bad} outside 1..{max_depth}")
+    return [int(counts.get(d, 0)) for d in range(1, max_depth + 1)]
 
 
 def completion_logprobs(tokenizer: Any, tokens: list[int], lps: list[float],

@@ -41,8 +41,8 @@ from ray import serve  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from serve.protocol import (APIError, ChatRequest, CompletionRequest, Detokenizer, Limits,  # noqa: E402
-                            StopMatcher, chat_logprobs, completion_logprobs, new_id, now, parse, server_error,
-                            usage)
+                            StopMatcher, chat_logprobs, completion_logprobs, depth_list, new_id, now, parse,
+                            server_error, usage)
 from serve.security import (api_key_digest, bind_replica_grpc_to_loopback, check_api_key,  # noqa: E402
                             read_body)
 from tah.engine import EngineConfig  # noqa: E402
@@ -130,6 +130,10 @@ class _Metrics:
         self.prompt = Counter("tah_prompt_tokens", "Prompt tokens", registry=r)
         self.generated = Counter("tah_generation_tokens", "Generated tokens", registry=r)
         self.iterated = Counter("tah_iterated_tokens", "Generated tokens that ran depth >= 2", registry=r)
+        self.by_depth = Counter("tah_generation_tokens_by_depth", "Generated tokens by the depth that produced them",
+                                ["depth"], registry=r)
+        self.prompt_by_depth = Counter("tah_prompt_tokens_by_depth", "Prompt tokens by the depth they ran",
+                                       ["depth"], registry=r)
         self.running = Gauge("tah_num_requests_running", "Requests decoding", registry=r)
         self.waiting = Gauge("tah_num_requests_waiting", "Requests waiting for a slot", registry=r)
         self.share = Gauge("tah_iterated_token_share", "Share of generated tokens that iterated", registry=r)
@@ -138,6 +142,7 @@ class _Metrics:
 
     def token(self, depth: int) -> None:
         self.generated.inc()
+        self.by_depth.labels(str(depth)).inc()
         self.n_generated += 1
         if depth >= 2:
             self.iterated.inc()
@@ -175,9 +180,10 @@ class TaHServer:
         self.tokenizer = load_tokenizer(checkpoint_tokenizer(c.model, c.tokenizer))
         # the same end tokens as evaluation: the tokenizer's eos and the checkpoint's generation_config
         self.engine = Engine(self.model, c.engine, eos_token_ids=end_token_ids(self.tokenizer, c.model))
+        self.max_depth = self.model.config.max_depth  # (read once: the engine owns the model from here on)
         self.limits = Limits(vocab_size=self.engine.vocab_size, max_model_len=c.engine.max_model_len,
                              max_token_chars=_longest_token(self.tokenizer),
-                             min_request_threshold=c.min_request_threshold)
+                             min_request_threshold=c.min_request_threshold, max_depth=self.max_depth)
         # One thread: prompts are tokenized off the event loop, and a fast tokenizer is not used
         # from two threads at once.
         self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tah-tokenize")
@@ -237,7 +243,8 @@ class TaHServer:
                 pass
 
     async def _tokens(self, prompt: list[int], params, stops: list[str]) -> AsyncIterator[dict[str, Any]]:
-        """Submit one request; yield {"text", "token", "logprob", "top", "depth", "finish_reason"} per token.
+        """Submit one request; yield {"text", "token", "logprob", "top", "depth", "prompt_depths",
+        "finish_reason"} per token (prompt_depths: {depth: prompt tokens} on the first token, else None).
 
         Stop strings are matched on the detokenized text; leaving the loop early (client gone, a stop
         string, an error) aborts the request in the engine and frees its slot."""
@@ -279,10 +286,12 @@ class TaHServer:
                 (self.metrics.ttft if last is None else self.metrics.itl).observe(t - (t0 if last is None else last))
                 last = t
                 self.metrics.token(ev.depth)
+                for d, k in (ev.prompt_depth_counts or {}).items():
+                    self.metrics.prompt_by_depth.labels(str(d)).inc(k)
                 text, hit = stopper.feed(detok.add(ev.token_id, final=ev.finished), final=ev.finished)
                 reason = "stop" if hit else ev.finish_reason
                 chunk = {"text": text, "token": ev.token_id, "logprob": ev.logprob, "top": ev.top_logprobs,
-                         "depth": ev.depth, "finish_reason": reason}
+                         "depth": ev.depth, "prompt_depths": ev.prompt_depth_counts, "finish_reason": reason}
                 if reason is not None:
                     answered = True
                     self.metrics.e2e.observe(t - t0)
@@ -390,9 +399,11 @@ class TaHServer:
         except ExceptionGroup as eg:  # one choice's error is the response's
             raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
         results = [t.result() for t in tasks]
-        choices, n_gen, n_it = [], 0, 0
-        for i, (text, toks, lps, tops, reason, it) in enumerate(results):
+        choices, n_gen, n_it, depths = [], 0, 0, {}
+        for i, (text, toks, lps, tops, reason, it, tok_depths, _) in enumerate(results):
             n_gen, n_it = n_gen + len(toks), n_it + it
+            for d in tok_depths:
+                depths[d] = depths.get(d, 0) + 1
             logprobs = None
             if lp is not None:
                 logprobs = (chat_logprobs if chat else completion_logprobs)(self.tokenizer, toks, lps, tops)
@@ -401,23 +412,27 @@ class TaHServer:
                                 "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
+        # The prompt is counted once (OpenAI's prompt_tokens), as the first choice ran it.
         return {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": choices,
-                "usage": usage(len(prompt), n_gen, n_it)}
+                "usage": usage(len(prompt), n_gen, n_it, depth_list(depths, self.max_depth),
+                               depth_list(results[0][7], self.max_depth))}
 
     async def _collect(self, prompt: list[int], params, stops: list[str]):
-        pieces, toks, lps, tops, reason, it = [], [], [], [], None, 0
+        pieces, toks, lps, tops, reason, it, depths, prompt_depths = [], [], [], [], None, 0, [], {}
         async for c in self._tokens(prompt, params, stops):
             pieces.append(c["text"])
             toks.append(c["token"])
             lps.append(c["logprob"])
             tops.append(c["top"])
             it += c["depth"] >= 2
+            depths.append(c["depth"])
+            prompt_depths = c["prompt_depths"] or prompt_depths
             reason = c["finish_reason"]
-        return "".join(pieces), toks, lps, tops, reason, it
+        return "".join(pieces), toks, lps, tops, reason, it, depths, prompt_depths
 
     async def _sse(self, gen, first, req, rid: str, created: int, n_prompt: int, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
-        n, it = 0, 0
+        n, it, depths, prompt_depths = 0, 0, {}, {}
 
         def chunk(c: dict[str, Any] | None, role: bool = False) -> str:
             if chat:
@@ -439,11 +454,14 @@ class TaHServer:
             c = first
             while c is not None:
                 n, it = n + 1, it + (c["depth"] >= 2)
+                depths[c["depth"]] = depths.get(c["depth"], 0) + 1
+                prompt_depths = c["prompt_depths"] or prompt_depths
                 yield chunk(c)
                 c = await gen.__anext__() if c["finish_reason"] is None else None
             if req.stream_options is not None and req.stream_options.include_usage:
                 body = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": [],
-                        "usage": usage(n_prompt, n, it)}
+                        "usage": usage(n_prompt, n, it, depth_list(depths, self.max_depth),
+                                       depth_list(prompt_depths, self.max_depth))}
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         except StopAsyncIteration:

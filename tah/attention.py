@@ -99,6 +99,36 @@ class MixedDecodeSpec:
 
     k_valid: torch.Tensor
     counts: Counter = field(default_factory=Counter)
+    deep_rows: torch.Tensor | None = None
+    """Split form (TaH2's decode): k_valid covers the depth-1 window only, (B, 1, W); these rows
+    (B_deep,) also see deeper keys, handed over as a second (B_deep, Hkv, D_deep, W2, D) tensor."""
+    deep_valid: torch.Tensor | None = None
+    """(B_deep, D_deep, W2): which of those deeper keys each of them sees."""
+
+
+def _mixed_decode_split(query: torch.Tensor, key: tuple[torch.Tensor, torch.Tensor],
+                        value: tuple[torch.Tensor, torch.Tensor], spec: MixedDecodeSpec,
+                        scaling: float) -> torch.Tensor:
+    """The split form: every row attends over the depth-1 window, the deeper rows over it and their
+    deeper keys jointly (one softmax). query (B, H, 1, D) -> (B, H, 1, D)."""
+    (k1, kd), (v1, vd) = key, value
+    B, H, _, D = query.shape
+    Hkv, Dd, W2 = k1.shape[1], kd.shape[2], kd.shape[3]
+    g = H // Hkv
+    rows = spec.deep_rows
+    q = query.reshape(B, Hkv, 1, g, D)
+    s1 = torch.matmul(q, k1.transpose(-1, -2)).float() * scaling  # (B, Hkv, 1, g, W)
+    s1 = s1.masked_fill(~spec.k_valid[:, None, :, None, :], float("-inf"))[:, :, 0]  # (B, Hkv, g, W)
+    W = s1.shape[-1]
+    sd = torch.matmul(q.index_select(0, rows), kd.transpose(-1, -2)).float() * scaling  # (B_d, Hkv, Dd, g, W2)
+    sd = sd.masked_fill(~spec.deep_valid[:, None, :, None, :], float("-inf"))
+    sd = sd.transpose(2, 3).reshape(rows.numel(), Hkv, g, Dd * W2)
+    joint = torch.softmax(torch.cat([s1.index_select(0, rows), sd], dim=-1), dim=-1)  # (B_d, Hkv, g, W + Dd W2)
+    p1 = torch.softmax(s1, dim=-1).index_copy(0, rows, joint[..., :W])
+    out = torch.matmul(p1.to(v1.dtype), v1[:, :, 0])  # (B, Hkv, g, D)
+    pd = joint[..., W:].reshape(rows.numel(), Hkv, g, Dd, W2).transpose(2, 3).to(vd.dtype)  # (B_d, Hkv, Dd, g, W2)
+    out = out.index_add(0, rows, torch.matmul(pd, vd).sum(2))
+    return out.reshape(B, H, 1, D)
 
 
 def _mixed_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: MixedDecodeSpec,
@@ -265,8 +295,13 @@ def tah_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     """
     if isinstance(attention_mask, MixedDecodeSpec):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        attention_mask.counts["mixed_decode"] += 1
-        return _mixed_decode(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+        if attention_mask.deep_rows is not None:
+            attention_mask.counts["mixed_decode_split"] += 1
+            out = _mixed_decode_split(query, key, value, attention_mask, scaling)
+        else:
+            attention_mask.counts["mixed_decode"] += 1
+            out = _mixed_decode(query, key, value, attention_mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
     if not isinstance(attention_mask, DuoCausalSpec):
         return sdpa_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if kwargs.get("sliding_window") is not None:

@@ -237,9 +237,14 @@ class TaHCache:
         return _CacheView(self, depth, rows, row_ids[bi], bi, qi, slots, spec, (lo, hi))
 
 
-    def begin_mixed(self, depth: torch.Tensor, q_pos: torch.Tensor, counts: Counter) -> "_MixedView":
+    def begin_mixed(self, depth: torch.Tensor, q_pos: torch.Tensor, counts: Counter,
+                    split_deep: bool = False) -> "_MixedView":
         """One token per active row, row r at depth[r] (serving decode): reserve its slot and return
-        the view for the layers. Keys are handed over as the per-depth window, a view of the buffer."""
+        the view for the layers. Keys are handed over as the per-depth window, a view of the buffer.
+
+        split_deep (TaH2's decode): when depth-1 rows and deeper rows mix, the depth-1 rows read the
+        depth-1 window only and the deeper rows also their deeper keys (a window of their own length),
+        as the authors' engine indexes them, instead of every row reading every depth's window."""
         n = self.active
         r = torch.arange(n, device=self.device)
         d0 = depth - 1  # (n,) 0-based depth slot
@@ -249,6 +254,10 @@ class TaHCache:
         self._grow(int(slot.max()) + 1)
         self.pos[r, d0, slot] = q_pos
         self.lengths[r, d0] = slot + 1
+        if split_deep and self.depth_attention in ("duo_causal", "first_self"):
+            deep = (depth > 1).nonzero().squeeze(1)  # (B_deep,)
+            if 0 < deep.numel() < n:
+                return self._begin_split(deep, d0, q_pos, r, slot, counts)
         n_vis = 1 if bool((depth == 1).all()) else self.max_depth
         w = self.window
         exists = torch.arange(w, device=self.device)[None, None, :] < self.lengths[:n, :n_vis, None]
@@ -266,10 +275,32 @@ class TaHCache:
         spec = MixedDecodeSpec(k_valid=exists & allowed, counts=counts)
         return _MixedView(self, r, d0, slot, n_vis, spec)
 
+    def _begin_split(self, deep: torch.Tensor, d0: torch.Tensor, q_pos: torch.Tensor, r: torch.Tensor,
+                     slot: torch.Tensor, counts: Counter) -> "_MixedView":
+        """begin_mixed's split form: every row sees the depth-1 window; the deeper rows `deep` also see
+        depths 2..(their depth) of a window as long as their longest deeper depth (both rules here,
+        duo_causal and first_self, let every row see depth-1 keys)."""
+        n, w = self.active, self.window
+        dd0 = d0.index_select(0, deep)  # (B_deep,)
+        n_vis = int(dd0.max()) + 1
+        w2 = min(w, self._round(int(self.lengths.index_select(0, deep)[:, 1:n_vis].max())))
+        exists1 = torch.arange(w, device=self.device)[None, None, :] < self.lengths[:n, :1, None]  # (n, 1, w)
+        lens = self.lengths.index_select(0, deep)[:, 1:n_vis, None]  # (B_deep, n_vis - 1, 1)
+        exists = torch.arange(w2, device=self.device)[None, None, :] < lens
+        kd = torch.arange(1, n_vis, device=self.device)[None, :, None]  # 0-based depth slots 1..n_vis-1
+        allowed = kd <= dd0[:, None, None]
+        if self.depth_attention == "first_self":  # the row's own deeper keys only (its own position)
+            pos = self.pos.index_select(0, deep)[:, 1:n_vis, :w2]
+            allowed = allowed & (pos == q_pos.index_select(0, deep)[:, None, None])
+        spec = MixedDecodeSpec(k_valid=exists1, counts=counts, deep_rows=deep, deep_valid=exists & allowed)
+        return _MixedView(self, r, d0, slot, 1, spec, deep=(deep, n_vis, w2))
+
 
 class _MixedView(_DepthView):
-    def __init__(self, cache: TaHCache, r, d0, slot, n_vis: int, spec: MixedDecodeSpec) -> None:
+    def __init__(self, cache: TaHCache, r, d0, slot, n_vis: int, spec: MixedDecodeSpec,
+                 deep: tuple[torch.Tensor, int, int] | None = None) -> None:
         self.cache, self.r, self.d0, self.slot, self.n_vis, self.spec = cache, r, d0, slot, n_vis, spec
+        self.deep = deep  # split form: (deeper rows, visible depths, their window)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         c = self.cache
@@ -277,7 +308,12 @@ class _MixedView(_DepthView):
         kb[self.r, :, self.d0, self.slot] = key_states[:, :, 0].to(kb.dtype)  # (n, Hkv, D)
         vb[self.r, :, self.d0, self.slot] = value_states[:, :, 0].to(vb.dtype)
         n, w = c.active, c.window
-        return kb[:n, :, :self.n_vis, :w], vb[:n, :, :self.n_vis, :w]  # (n, Hkv, n_vis, w, D) views
+        k, v = kb[:n, :, :self.n_vis, :w], vb[:n, :, :self.n_vis, :w]  # (n, Hkv, n_vis, w, D) views
+        if self.deep is None:
+            return k, v
+        rows, n_vis, w2 = self.deep  # + the deeper rows' deeper keys, (B_deep, Hkv, n_vis - 1, w2, D) copies
+        return ((k, kb[:, :, 1:n_vis, :w2].index_select(0, rows)),
+                (v, vb[:, :, 1:n_vis, :w2].index_select(0, rows)))
 
 
 class _CacheView(_DepthView):

@@ -23,8 +23,16 @@ exception), their slots are freed, and the others go on. A failed per-row step (
 fails that row alone; a failed batched pass fails the rows of that pass (the pass may have half-written
 their K/V), never the waiting requests.
 
-The same engine runs Standard (depth_policy="standard": every token depth 1) and AlwaysThink
-("always_think": every token at max depth), so comparisons share one code path.
+TaH2 (`TaHConfig.tah2`) decodes the same way through `TaHForCausalLM.decode_step_mix`: a row at depth
+d >= 2 feeds updater(token embedding, h^(d-1)); the decider runs after every depth below the row's cap;
+the row's output is the mixture over the depths it ran, carried between steps by `tah.mixture.MixtureState`
+(per slot: log-mix accumulator, R, h). A row that continues discards nothing but the step: it is
+sampled once, from its mixture, when it stops. Prompt tokens iterate at prefill (the parallel forward
+with the cache): the last prompt token's output is its mixture.
+
+Requests may lower their maximum depth (`SamplingParams.max_depth`, 1..M; 1 = the backbone) and set
+the decider threshold. The same engine runs Standard (depth_policy="standard": every token depth 1)
+and AlwaysThink ("always_think": every token at its maximum depth), so comparisons share one code path.
 
     python -m tah.engine            # a tiny random model, 4 staggered requests, printed stats
     eng = Engine(TaHForCausalLM.from_pretrained(path), EngineConfig(max_num_seqs=8), eos_token_ids=[2])
@@ -47,6 +55,7 @@ from typing import Literal
 import torch
 
 from .config import check_choices
+from .mixture import MixtureState
 from .model import TaHForCausalLM
 from .sampling import RequestError, SamplingParams, sample
 
@@ -108,6 +117,8 @@ class TokenEvent:
     """stop (EOS / stop token) | length (max_tokens or context) | abort | error."""
     error: BaseException | None = None
     """With finish_reason "error": what failed (a RequestError: the request's fault; else ours)."""
+    prompt_depth_counts: dict[int, int] | None = None
+    """On a request's first token only: its prompt tokens by the depth they ran at prefill."""
 
 
 @dataclass
@@ -135,7 +146,9 @@ class _Request:
     depths: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     pending: tuple | None = None
-    """Mid-iteration: (next depth, top-k values, top-k ids, cumulative logits) of the current token."""
+    """v1 mid-iteration: (next depth, top-k values, top-k ids, cumulative logits) of the current token."""
+    next_depth: int = 1
+    """TaH2: the depth the current token runs next step (> 1: mid-iteration, state in Engine.mix)."""
     stop_ids: frozenset[int] = frozenset()
     error: BaseException | None = None
 
@@ -146,9 +159,15 @@ class Engine:
     def __init__(self, model: TaHForCausalLM, config: EngineConfig | None = None,
                  eos_token_ids: list[int] | None = None) -> None:
         c = model.config
-        if c.max_depth >= 2 and (c.input_rule, c.combine, c.decider_kind) != ("soft_topk", "logit_residual", "v1"):
-            raise NotImplementedError("the engine serves the v1 configuration; decode TaH2 with tah.generate")
+        kind = (c.input_rule, c.combine, c.decider_kind)
+        self.mixture = c.combine != "logit_residual"  # TaH2: each token's output mixes its depths' probabilities
+        if c.max_depth >= 2 and kind not in (("soft_topk", "logit_residual", "v1"), ("updater", "stop_prob_mix", "tah2"),
+                                             ("updater", "even_mix", "tah2")):
+            raise NotImplementedError(f"the engine serves v1 (soft_topk, logit_residual, v1 decider) and TaH2 (updater, "
+                                      f"stop_prob_mix | even_mix, tah2 decider), not input_rule, combine, "
+                                      f"decider_kind = {kind}")
         self.model = model.eval()
+        self.max_depth = c.max_depth
         self.config = config or EngineConfig()
         self.eos = set(eos_token_ids or [])
         self.threshold = self.config.threshold if self.config.threshold is not None else model.config.threshold
@@ -157,6 +176,11 @@ class Engine:
         self.cache = model.new_cache(self.config.max_num_seqs, capacity=self.config.max_model_len,
                                      chunk=self.config.chunk)
         self.cache.active = 0
+        self.mix: MixtureState | None = None
+        if self.mixture:
+            wide = w.dtype if w.dtype == torch.float64 else torch.float32  # the forward's mixture precision
+            self.mix = MixtureState(self.config.max_num_seqs, self.vocab_size, model.backbone.config.hidden_size,
+                                    c.combine, wide, w.dtype, self.device)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self._aborts: set[str] = set()
@@ -175,6 +199,9 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
         params.check(self.vocab_size)
+        if params.max_depth is not None and params.max_depth > self.max_depth:
+            raise RequestError(f"max_depth must be at most this model's maximum depth {self.max_depth}, "
+                               f"got {params.max_depth}")
         try:
             prompt = [operator.index(t) for t in prompt_token_ids]
         except TypeError:
@@ -219,12 +246,11 @@ class Engine:
         return len(self.waiting)
 
     # ------------------------------------------------------------------ one step
-    def _forced(self, shape: tuple[int, int]) -> torch.Tensor | None:
-        policy = self.config.depth_policy
-        if policy == "decider":
-            return None
-        depth = 1 if policy == "standard" else self.model.config.max_depth
-        return torch.full(shape, depth, dtype=torch.long, device=self.device)
+    def _cap(self, r: _Request) -> int:
+        """The deepest depth this request's tokens may run: 1 under standard, else its max_depth or M."""
+        if self.config.depth_policy == "standard":
+            return 1
+        return r.params.max_depth or self.max_depth
 
     def _thresholds(self, reqs: list[_Request]) -> float | torch.Tensor:
         vals = [r.params.threshold if r.params.threshold is not None else self.threshold for r in reqs]
@@ -312,7 +338,7 @@ class Engine:
         old = list(self.running)
         if old:  # decode: one pass, each running row at its own depth
             try:
-                parts.append(self._decode(old))
+                parts.append(self._decode_mix(old) if self.mixture else self._decode(old))
             except Exception as e:
                 # The pass may have written part of every row's K/V: none of these rows can go on.
                 log.exception("decode pass failed: failing its %d requests", len(old))
@@ -327,9 +353,9 @@ class Engine:
                 log.exception("prefill failed: failing its %d requests", len(new))
                 self._fail(new, e, events)
         reqs = [r for _, _, rs in parts for r in rs]
-        if reqs:
-            self._finish_tokens(torch.cat([lg for lg, _, _ in parts]), torch.cat([d for _, d, _ in parts]).tolist(),
-                                reqs, events)
+        if reqs:  # (one part: its logits as they are, not a (n, V) copy by cat)
+            logits = parts[0][0] if len(parts) == 1 else torch.cat([lg for lg, _, _ in parts])
+            self._finish_tokens(logits, torch.cat([d for _, d, _ in parts]).tolist(), reqs, events)
         self._free()
         self.steps += 1
 
@@ -347,13 +373,39 @@ class Engine:
             valid[s, :len(r.prompt)] = True
         last = torch.zeros(n_all, dtype=torch.long, device=self.device)
         last[n_old:] = torch.tensor([len(r.prompt) - 1 for r in new], device=self.device)
-        out = self.model(ids, attention_mask=valid, depths=self._forced((n_all, T)), past_key_values=cache,
-                         threshold=self._thresholds(self.running), return_decider_logits=False, logits_at=last)
-        sl = torch.tensor(slots, device=self.device)
-        for s, r in zip(slots, new):
-            d = out.depths[s, :len(r.prompt)]
-            r.stats.prompt_depth_counts = {int(k): int((d == k).sum()) for k in d.unique().tolist()}
-        return out.logits[sl], out.depths[sl, last[sl]], new
+        caps = [self._cap(r) for r in new]
+        forced = None
+        if self.config.depth_policy != "decider":  # every prompt token runs its request's cap
+            forced = torch.ones(n_all, T, dtype=torch.long, device=self.device)
+            forced[n_old:] = torch.tensor(caps, device=self.device)[:, None]
+        # The decider's prompt tokens run one forward per distinct cap (a request that lowered its
+        # max_depth is prefilled by the model capped there); usually one, with every row.
+        groups = {None: list(range(len(new)))} if forced is not None else {}
+        if forced is None:
+            for j, cap in enumerate(caps):
+                groups.setdefault(cap, []).append(j)
+        thr = self._thresholds(self.running)
+        logits, depth = None, torch.zeros(len(new), dtype=torch.long, device=self.device)
+        for cap, js in groups.items():
+            sl = torch.tensor([slots[j] for j in js], device=self.device)
+            mask = valid
+            if len(groups) > 1:
+                mask = torch.zeros_like(valid)
+                mask[sl] = valid[sl]
+            with self.model.depth_capped(cap):
+                out = self.model(ids, attention_mask=mask, depths=forced, past_key_values=cache, threshold=thr,
+                                 return_decider_logits=False, logits_at=last)
+            for j in js:
+                d = out.depths[slots[j], :len(new[j].prompt)]
+                new[j].stats.prompt_depth_counts = {int(k): int((d == k).sum()) for k in d.unique().tolist()}
+            if len(groups) == 1:
+                return out.logits[sl], out.depths[sl, last[sl]], new
+            if logits is None:
+                logits = out.logits.new_zeros(len(new), out.logits.shape[-1])
+            jt = torch.tensor(js, device=self.device)
+            logits[jt] = out.logits[sl]
+            depth[jt] = out.depths[sl, last[sl]]
+        return logits, depth, new
 
     def _finish_tokens(self, logits: torch.Tensor, depth: list[int], reqs: list[_Request],
                        events: list[TokenEvent]) -> None:
@@ -379,6 +431,8 @@ class Engine:
                 log.exception("request %s failed while sampling", r.rid)
                 self._fail([r], e, events)
                 continue
+            if not r.output:
+                ev.prompt_depth_counts = dict(r.stats.prompt_depth_counts)
             r.output.append(tok)
             r.depths.append(d)
             st = r.stats
@@ -411,7 +465,7 @@ class Engine:
         cum, hidden = model.decode_step(ids, depth, self.cache, soft, prev)
         policy = self.config.depth_policy
         target = {"standard": 1, "always_think": D}.get(policy)
-        cont = depth < (target if target is not None else D)
+        cont = depth < torch.tensor([self._cap(r) for r in rows], dtype=torch.long, device=dev)
         top = None
         if bool(cont.any()):
             top = cum.topk(model.topk, dim=-1)
@@ -426,6 +480,40 @@ class Engine:
                 done.append(i)
         idx = torch.tensor(done, dtype=torch.long, device=dev)
         return cum[idx], depth[idx], [rows[i] for i in done]
+
+    def _decode_mix(self, rows: list[_Request]) -> tuple[torch.Tensor, torch.Tensor, list[_Request]]:
+        """TaH2's decode pass (`TaHForCausalLM.decode_step_mix`): each row runs one depth of its token;
+        returns (mixture log-probs, depth, request) of the rows whose token is final this step. A row
+        the decider sends on keeps its token, its mixture so far and h^(d) (`self.mix`, by slot) and runs
+        the next depth in the next step's pass. The decider runs only where it can matter: rows below
+        their cap (under always_think too, where stop_prob_mix weighs by its c_d); the updater only on
+        the rows that iterate."""
+        dev, n, policy = self.device, len(rows), self.config.depth_policy
+        self.cache.active = n
+        depth_l = [r.next_depth for r in rows]
+        below = [i for i, r in enumerate(rows) if depth_l[i] < self._cap(r)]  # may (or must) go deeper
+        run = below if policy == "decider" or self.mix.combine == "stop_prob_mix" else []
+        deep = [i for i in range(n) if depth_l[i] > 1]
+        depth = torch.tensor(depth_l, dtype=torch.long, device=dev)
+        ids = torch.tensor([r.output[-1] for r in rows], dtype=torch.long, device=dev)
+        hidden = self.mix.hidden(torch.tensor(deep, dtype=torch.long, device=dev)) if deep else None
+        decide = torch.tensor(run, dtype=torch.long, device=dev) if run else None
+        z, h, dec = self.model.decode_step_mix(ids, depth, self.cache, hidden, decide)
+        cont, c = [False] * n, None
+        if run:  # c_d as the forward computes it: sigmoid in the mixture's precision
+            c = torch.ones(n, dtype=self.mix.dtype, device=dev).index_copy(0, decide, torch.sigmoid(dec.to(self.mix.dtype)))
+        if policy == "decider" and run:
+            thr = self._thresholds(rows)
+            thr = thr.index_select(0, decide) if isinstance(thr, torch.Tensor) else thr
+            for i, go in zip(run, (torch.sigmoid(dec.float()) > thr).tolist()):
+                cont[i] = go
+        elif policy == "always_think":
+            for i in below:
+                cont[i] = True
+        mix, stop = self.mix.step(depth_l, z, h, cont, c)
+        for i, r in enumerate(rows):
+            r.next_depth = depth_l[i] + 1 if cont[i] else 1
+        return mix, torch.tensor([depth_l[i] for i in stop], dtype=torch.long, device=dev), [rows[i] for i in stop]
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | BaseException]:
         try:
@@ -464,6 +552,8 @@ class Engine:
             last = len(self.running) - 1
             if slot != last:
                 self.cache.move_row(last, slot)
+                if self.mix is not None and self.running[last].next_depth > 1:  # mid-token: its mixture too
+                    self.mix.move(last, slot)
             with self._lock:
                 self._live.discard(self.running[slot].rid)
             self.running[slot] = self.running[last]

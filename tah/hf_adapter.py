@@ -172,8 +172,8 @@ class KVCacheView(Protocol):
 
     Each attention module, after RoPE, calls `update(key_states, value_states, layer_idx, ...)` with
     this call's keys and values (B, Hkv, Tq, D) and its `layer_idx`, and passes the returned pair to
-    the attention function as its key/value -- whatever their shape (TaH's mixed decode returns
-    (B, Hkv, D_vis, W, D) views). Nothing else of `transformers.Cache` is touched when the layers are
+    the attention function as its key/value -- whatever they are (TaH's mixed decode returns
+    (B, Hkv, D_vis, W, D) views; its split form for TaH2 a (depth-1 view, deeper rows' keys) pair each). Nothing else of `transformers.Cache` is touched when the layers are
     run by hand. Extra arguments vary by version (5.23: none; 5.24: kwargs=the attention kwargs) and
     must be accepted and may be ignored. Implemented by tah/cache.py's views. Checked: transformers 5.23, 5.24.
     """

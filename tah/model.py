@@ -21,6 +21,7 @@ probabilities with stop-probability (or even) weights instead of summed logits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -28,7 +29,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -425,7 +426,7 @@ class TaHForCausalLM(nn.Module):
         """
         if self.config.input_rule != "soft_topk" or self.config.combine != "logit_residual":
             raise NotImplementedError("decode_step serves the v1 configuration (soft_topk, logit_residual); "
-                                      "decode TaH2 with forward(past_key_values=...) (tah.generate)")
+                                      "decode TaH2 with decode_step_mix")
         n = input_ids.shape[0]
         if n != cache.active:
             raise ValueError(f"{n} rows but the cache's active rows are {cache.active}")
@@ -450,6 +451,70 @@ class TaHForCausalLM(nn.Module):
             cum = cum.index_add(0, di, prev_cum.to(cum.dtype))
         hidden = [saved[i][:, 0] for i in self.decider_layers] if self.decider is not None else None
         return cum, hidden
+
+    @torch.no_grad()
+    def decode_step_mix(self, input_ids: torch.Tensor, depth: torch.Tensor, cache: TaHCache,
+                        last_hidden: torch.Tensor | None = None, decide: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """TaH2's decode pass (input_rule="updater", a mixture combine): one token per active cache row,
+        each row at its own depth, one pass of the weights.
+
+        input_ids (B,) each row's current token (a row that iterates feeds the same token again: its
+        embedding e_t is the updater's and the decider's input at every depth); depth (B,) 1..max_depth;
+        last_hidden (B_deep, H): for the rows with depth > 1 (row order), their token's last hidden state
+        of the depth before. decide (N_dec,) sorted rows after whose depth the decider runs (the others
+        stop at their cap or are forced). Returns this depth's own logits z_d (B, V), its last hidden
+        state after the final norm (B, H), and the decider logits (N_dec,) (None without `decide`).
+        The mixture over depths is the caller's (tah/mixture.py): it needs state kept across steps.
+        """
+        if self.config.input_rule != "updater" or self.config.combine == "logit_residual":
+            raise NotImplementedError("decode_step_mix serves the TaH2 configuration (updater input, a mixture "
+                                      "combine); decode v1 with decode_step")
+        n = input_ids.shape[0]
+        if n != cache.active:
+            raise ValueError(f"{n} rows but the cache's active rows are {cache.active}")
+        deep = depth > 1
+        di = deep.nonzero().squeeze(1)  # (B_deep,)
+        e = self.backbone.get_input_embeddings()(input_ids)  # (B, H)
+        x = e if not di.numel() else e.index_copy(0, di, self.updater(e.index_select(0, di), last_hidden))
+        # A deeper row re-runs the position its depth-1 pass already took.
+        q_pos = (cache.lengths[:n, 0] - deep.long())[:, None]  # (B, 1)
+        view = cache.begin_mixed(depth, q_pos[:, 0], self.attention_paths, split_deep=True)
+        lora = self._peft is not None and bool(di.numel())
+        if lora:
+            self._set_lora_rows(deep)
+        try:
+            h, _ = self._layers(x[:, None], q_pos, view, set())
+        finally:
+            if lora:
+                self._set_lora_rows(None)
+        h = h[:, 0]  # (B, H)
+        z = hf.decoder_parts(self.backbone).lm_head(h)  # (B, V)
+        dec = None
+        if decide is not None and decide.numel():
+            if decide.numel() == n:  # every row (sorted, unique): no gather of the (B, V) logits
+                dec = self.decider(e, h, z)
+            else:
+                dec = self.decider(e.index_select(0, decide), h.index_select(0, decide), z.index_select(0, decide))
+        return z, h, dec
+
+    @contextlib.contextmanager
+    def depth_capped(self, max_depth: int | None) -> Iterator[None]:
+        """Within the block the model runs at most `max_depth` depths: it is then exactly the model
+        whose config says max_depth, with these weights (the decider does not run at the cap; a
+        mixture's weight there is R_d). The serving engine prefills a request that lowered its maximum
+        depth this way. Not thread-safe: the block owns the model."""
+        if max_depth is None or max_depth == self.config.max_depth:
+            yield
+            return
+        if not 1 <= max_depth <= self.config.max_depth:
+            raise ValueError(f"max_depth must be in 1..{self.config.max_depth}, got {max_depth}")
+        full = self.config
+        self.config = dataclasses.replace(full, max_depth=max_depth)
+        try:
+            yield
+        finally:
+            self.config = full
 
     def _assemble_logits(self, layouts: list[_Layout], cum_lists: list[torch.Tensor], n: int) -> torch.Tensor:
         """(B*T, V): every token's deepest cumulative logits (zeros at padding)."""
@@ -505,8 +570,9 @@ class TaHForCausalLM(nn.Module):
         out = []
         mass = None  # R_d of depth d's tokens
         for d, lay in enumerate(layouts):
-            if mass is None:
-                mass = torch.ones(lay.flat.numel(), dtype=_wide(dec_parts[0][2]).dtype, device=lay.flat.device)
+            if mass is None:  # (max_depth 1 runs no decider: the weights' precision is the model's, widened)
+                dt = _wide(dec_parts[0][2] if dec_parts else self.backbone.get_input_embeddings().weight).dtype
+                mass = torch.ones(lay.flat.numel(), dtype=dt, device=lay.flat.device)
             if d < len(conts):
                 c = torch.sigmoid(_wide(dec_parts[d][2]))
                 out.append(torch.log(torch.where(conts[d], mass * (1 - c), mass)))

@@ -46,6 +46,9 @@ class SamplingParams:
     """None: none; 0: the chosen token's log-probability; k: also the k most likely tokens'."""
     threshold: float | None = None
     """Decider threshold for this request (None: the engine's current one)."""
+    max_depth: int | None = None
+    """The deepest depth this request's tokens may run, 1..the model's max_depth (None: the model's);
+    the engine checks the upper bound. 1 = the plain backbone (Standard)."""
 
     def check(self, vocab_size: int | None = None) -> None:
         """Raise RequestError (a ValueError) unless every field has the right type and range.
@@ -77,6 +80,8 @@ class SamplingParams:
             raise RequestError(f"logprobs must be an integer in [0, {lp_max}], got {_show(self.logprobs)}")
         if self.threshold is not None and (_real(self.threshold) is None or not 0 <= self.threshold <= 1):
             raise RequestError(f"threshold must be in [0, 1], got {_show(self.threshold)}")
+        if self.max_depth is not None and (_int(self.max_depth) is None or self.max_depth < 1):
+            raise RequestError(f"max_depth must be an integer >= 1, got {_show(self.max_depth)}")
 
 
 def _show(x: Any) -> str:

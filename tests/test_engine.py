@@ -270,3 +270,25 @@ def test_a_failed_pass_fails_its_rows_and_the_engine_goes_on(monkeypatch):
     assert events["admitted"][-1].finish_reason == "error"
     assert _tokens(events["running"]) == alone[0] and _tokens(events["later"]) == alone[2]
     assert eng.num_running == 0 and eng.cache.active == 0
+
+
+def test_per_request_max_depth_v1():
+    """max_depth 1 is the plain backbone (HF generate) while a neighbour in the same batch iterates;
+    max_depth 2 of a model of M = 3 never runs depth 3 and equals the model capped there."""
+    model, ref = make(max_depth=3)
+    with torch.no_grad():
+        ids = torch.tensor(_prompts(1, seed=42, lo=20, hi=21))
+        thr = float(torch.sigmoid(model(ids, depths=torch.full_like(ids, 3)).decider_logits).median())
+    p = _prompts(3, seed=10)
+    eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=48, threshold=thr))
+    outs = eng.generate(p, [SamplingParams(max_tokens=8, temperature=0, max_depth=m) for m in (1, 2, None)])
+    hf = ref.generate(input_ids=torch.tensor([p[0]]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, min_new_tokens=8)
+    assert outs[0].token_ids == hf[0, len(p[0]):].tolist() and set(outs[0].depths) == {1}
+    with model.depth_capped(2):
+        capped = model.generate(torch.tensor([p[1]]), max_new_tokens=8, threshold=thr)
+    assert outs[1].token_ids == capped.sequences[0, len(p[1]):].tolist() and max(outs[1].depths) == 2
+    alone = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=48, threshold=thr)).generate([p[2]], GREEDY)[0]
+    assert outs[2].token_ids == alone.token_ids[:8] and 3 in outs[2].depths
+    with pytest.raises(RequestError, match="at most this model's maximum depth 3"):
+        eng.add_request(p[0], SamplingParams(max_tokens=2, max_depth=4))

@@ -94,6 +94,13 @@ def test_completions_chat_stream_models(server):
     assert res.usage.completion_tokens == 12 and res.usage.prompt_tokens == len(ids)
     usage = res.usage.model_dump()
     assert "iterated_tokens" in usage and 0 <= usage["iterated_tokens"] <= 12
+    # tokens per depth (M = 2): completion tokens by the depth that produced them, the prompt's likewise
+    assert usage["depth_counts"] == [12 - usage["iterated_tokens"], usage["iterated_tokens"]]
+    assert len(usage["prompt_depth_counts"]) == 2 and sum(usage["prompt_depth_counts"]) == len(ids)
+    capped = client.completions.create(model="tah", prompt=prompt, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True, "max_depth": 1, "threshold": 0.3})
+    assert capped.usage.model_dump()["depth_counts"] == [12, 0]
+    assert capped.usage.model_dump()["prompt_depth_counts"] == [len(ids), 0]
 
     # Streaming gives the same text as the non-streamed call (greedy), ending with [DONE].
     chunks = list(client.completions.create(model="tah", prompt=prompt, max_tokens=12, temperature=0, stream=True,
@@ -112,6 +119,8 @@ def test_completions_chat_stream_models(server):
                                                  stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
     assert stream[-1].usage.completion_tokens == chat.usage.completion_tokens
+    assert stream[-1].usage.model_dump()["depth_counts"] == chat.usage.model_dump()["depth_counts"]
+    assert sum(chat.usage.model_dump()["depth_counts"]) == chat.usage.completion_tokens
 
 
 def test_greedy_tokens_equal_the_engine(server):
@@ -230,7 +239,8 @@ def test_client_disconnect_frees_the_slot(server):
     assert _metric(server, "tah_generation_tokens_total") - generated < 4000
     text = urllib.request.urlopen(server["url"] + "/metrics", timeout=10).read().decode()
     for name in ("tah_time_to_first_token_seconds", "tah_inter_token_latency_seconds", "tah_e2e_request_latency_seconds",
-                 "tah_prompt_tokens_total", "tah_generation_tokens_total", "tah_iterated_token_share"):
+                 "tah_prompt_tokens_total", "tah_generation_tokens_total", "tah_iterated_token_share",
+                 'tah_generation_tokens_by_depth_total{depth="1"}', 'tah_prompt_tokens_by_depth_total{depth="1"}'):
         assert name in text
 
 
@@ -284,7 +294,8 @@ HOSTILE = [
     (C, _body(prompt="a" * 200_000), 400, None), (C, _body(prompt=[5] * 5000), 400, None),
     (CH, _chat([{"role": "user", "content": ""}] * 10_000), 400, None),
     (CH, _chat([{"role": "user", "content": "hi", "name": "n" * 10_000}]), 400, None),
-    (CH, _chat(HI, threshold=0.01), 400, None),
+    (CH, _chat(HI, threshold=0.01), 400, None), (C, _body(max_depth=3), 400, None),
+    (C, _body(max_depth=0), 400, None), (CH, _chat(HI, max_depth=2**64), 400, None),
     (C, "[" * 100_000, 400, None), (C, "{" * 100_000, 400, None),
     (C, '{"model": "tah", "prompt": "hi", "x": ' + "[" * 50 + "]" * 50 + "}", 400, None),
     (C, '{"model": "tah", "prompt": "\\ud800"}', 400, None), (C, '{"model": "tah", "prompt": "a\\udfffb"}', 400, None),

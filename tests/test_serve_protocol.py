@@ -180,3 +180,40 @@ def test_serve_module_keeps_a_local_ray_on_loopback():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == out.stdout.split()[-2]
+
+
+def test_max_depth_is_validated_and_passed_to_the_engine():
+    """max_depth: an integer in 1..the served model's M, else a 400 naming the field; it reaches the
+    request's SamplingParams."""
+    import json
+
+    from serve.protocol import ChatRequest, CompletionRequest, Limits, parse
+
+    limits = Limits(vocab_size=512, max_model_len=64, max_depth=4)
+
+    def body(**kw) -> bytes:
+        return json.dumps({"model": "tah", "prompt": "hi", **kw}).encode()
+
+    req = parse(CompletionRequest, body(max_depth=2), limits)
+    assert req.sampling(None, 0).max_depth == 2
+    assert parse(CompletionRequest, body(), limits).sampling(None, 0).max_depth is None
+    assert parse(CompletionRequest, body(max_depth=4), limits).max_depth == 4
+    for bad, says in ((5, "maximum depth 4"), (0, "greater than or equal to 1"), (1.5, "integer"),
+                      ("2", "integer"), (True, "integer")):
+        with pytest.raises(APIError) as e:
+            parse(CompletionRequest, body(max_depth=bad), limits)
+        assert e.value.status == 400 and e.value.param == "max_depth" and says in e.value.message
+    chat = json.dumps({"model": "tah", "messages": [{"role": "user", "content": "x"}], "max_depth": 9}).encode()
+    with pytest.raises(APIError, match="maximum depth 4"):
+        parse(ChatRequest, chat, limits)
+
+
+def test_usage_depth_counts():
+    from serve.protocol import depth_list, usage
+
+    u = usage(5, 7, 3, depth_list({1: 4, 2: 2, 4: 1}, 4), depth_list({1: 5}, 4))
+    assert u == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12, "iterated_tokens": 3,
+                 "depth_counts": [4, 2, 0, 1], "prompt_depth_counts": [5, 0, 0, 0]}
+    assert "depth_counts" not in usage(1, 1, 0)
+    with pytest.raises(ValueError, match="outside 1..2"):
+        depth_list({3: 1}, 2)

@@ -317,14 +317,19 @@ def test_first_self_backends_agree_with_reference(backend):
     assert_logp_close(outs[backend][v], outs["reference"][v])
 
 
-def test_engine_refuses_tah2_for_now():
-    from tah.engine import Engine
-
-    with pytest.raises(NotImplementedError, match="v1"):
-        Engine(make_tah2(2))
+def test_max_depth_1_forward_is_the_backbone():
+    """A TaH2 model of max_depth 1 runs no decider: its mixture is depth 1's log-softmax (the serving
+    engine prefills a request capped at depth 1 this way)."""
     model = make_tah2(2)
-    with pytest.raises(NotImplementedError, match="v1"):
-        model.decode_step(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), model.new_cache(1))
+    ids, mask = batch(B=2, T=7, padding="left", seed=17)
+    v = mask.bool()
+    with torch.no_grad():
+        with model.depth_capped(1):
+            one = model(ids, attention_mask=mask)
+        ones = model(ids, attention_mask=mask, depths=torch.ones_like(ids))
+    assert model.config.max_depth == 2  # restored
+    assert torch.equal(one.depths[v], torch.ones_like(ids)[v])
+    assert (one.logits - ones.logits)[v].abs().max() <= TOL
 
 
 def test_v1_with_first_self_attention_forward_stepwise_and_engine():
