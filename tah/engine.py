@@ -103,6 +103,11 @@ class RequestStats:
         return sum(n for d, n in self.depth_counts.items() if d >= 2)
 
 
+PromptLogprob = tuple[float, list[tuple[int, float]]] | None
+"""A prompt token's (log-probability given the tokens before it, [(token id, log-probability)] of the
+most likely tokens at that position); None for the first prompt token."""
+
+
 @dataclass
 class TokenEvent:
     """One generated token of one request (what `step()` returns, in slot order)."""
@@ -119,6 +124,9 @@ class TokenEvent:
     """With finish_reason "error": what failed (a RequestError: the request's fault; else ours)."""
     prompt_depth_counts: dict[int, int] | None = None
     """On a request's first token only: its prompt tokens by the depth they ran at prefill."""
+    prompt_logprobs: list[PromptLogprob] | None = None
+    """On a request's first token only, if asked (SamplingParams.prompt_logprobs): one entry per prompt
+    token, None for the first."""
 
 
 @dataclass
@@ -132,6 +140,7 @@ class RequestOutput:
     depths: list[int] = field(default_factory=list)
     error: BaseException | None = None
     """With finish_reason "error": what failed."""
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 @dataclass
@@ -151,6 +160,7 @@ class _Request:
     """TaH2: the depth the current token runs next step (> 1: mid-iteration, state in Engine.mix)."""
     stop_ids: frozenset[int] = frozenset()
     error: BaseException | None = None
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 class Engine:
@@ -344,6 +354,13 @@ class Engine:
                 log.exception("decode pass failed: failing its %d requests", len(old))
                 self._fail(old, e, events)
                 self._free()
+        for r in [r for r in new if r.params.prompt_logprobs is not None]:
+            try:
+                r.prompt_logprobs = self._score_prompt(r)
+            except Exception as e:  # this request's scoring alone: the others prefill as usual
+                log.exception("request %s failed while scoring its prompt", r.rid)
+                self._fail([r], e, events)
+                new.remove(r)
         if new:  # prefill the admitted requests into the slots after the running ones
             try:
                 parts.append(self._prefill(new))
@@ -358,6 +375,26 @@ class Engine:
             self._finish_tokens(logits, torch.cat([d for _, d, _ in parts]).tolist(), reqs, events)
         self._free()
         self.steps += 1
+
+    @torch.no_grad()
+    def _score_prompt(self, r: _Request) -> list[PromptLogprob]:
+        """Each prompt token's log-probability given the tokens before it, with the top-k at its
+        position: the parallel forward of the prompt alone, under the model, depth rule, cap and
+        threshold its prefill uses (tests check it against the prefill's own last-token logits)."""
+        ids = torch.tensor([r.prompt], dtype=torch.long, device=self.device)  # (1, T)
+        forced = torch.full_like(ids, self._cap(r)) if self.config.depth_policy != "decider" else None
+        thr = r.params.threshold if r.params.threshold is not None else self.threshold
+        with self.model.depth_capped(self._cap(r) if forced is None else None):
+            logits = self.model(ids, depths=forced, threshold=thr, return_decider_logits=False).logits[0]  # (T, V)
+        logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # (T - 1, V): position i predicts token i + 1
+        target = ids[0, 1:]
+        chosen = logp.gather(1, target[:, None])[:, 0].tolist()
+        k = r.params.prompt_logprobs
+        tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if k:
+            top = logp.topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        return [None] + [(lp, t) for lp, t in zip(chosen, tops)]
 
     def _prefill(self, new: list[_Request]) -> tuple[torch.Tensor, torch.Tensor, list[_Request]]:
         cache, n_old = self.cache, len(self.running)
@@ -433,6 +470,7 @@ class Engine:
                 continue
             if not r.output:
                 ev.prompt_depth_counts = dict(r.stats.prompt_depth_counts)
+                ev.prompt_logprobs = r.prompt_logprobs
             r.output.append(tok)
             r.depths.append(d)
             st = r.stats
@@ -583,7 +621,8 @@ class Engine:
                     logprobs[ev.request_id].append(ev.logprob)
             step += 1
         return [RequestOutput(rid, reqs[rid].prompt, reqs[rid].output, reqs[rid].finish_reason, reqs[rid].stats,
-                              logprobs[rid] or None, reqs[rid].depths, reqs[rid].error) for rid in rids]
+                              logprobs[rid] or None, reqs[rid].depths, reqs[rid].error, reqs[rid].prompt_logprobs)
+                for rid in rids]
 
 
 def _demo() -> None:
