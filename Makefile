@@ -31,6 +31,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/attention.py
 	$(PY) bench/train_step.py
+	$(PY) bench/tah2_train.py
 	$(PY) bench/label_throughput.py
 	$(PY) bench/engine.py
 	$(PY) bench/serve.py
