@@ -21,6 +21,11 @@ Visibility of a side-pass query at (i, d + 1), duo (the authors' `duo_posterior`
 1..d of tokens j <= i, depth-(d+1) keys of the tokens that continued (j <= i), and its own new key;
 first_self (their causal): depth-1 keys j <= i and its own keys at depths 2..d + 1.
 
+Where the authors' code has a corner case this follows the rule instead: when no worker has a
+candidate at a boundary, the decisions at that depth get no costs of their own and fall back to weight
+1 (or to depth 1's costs when the token counts happen to match: their IterDeciderLoss fallback); here
+every non-candidate keeps cost_min (1e-6).
+
 Collectives: `gather` is called exactly once per boundary (M - 1 times) and `reduce` once per
 micro-batch on every worker, whatever the routing -- empty tensors are allowed -- so workers whose
 micro-batches route differently stay in step. The side pass itself has no collective (ZeRO <= 2).
