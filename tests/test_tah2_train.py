@@ -96,6 +96,22 @@ def test_pos_weight_and_cost_weighted_bce_by_hand():
         Tah2Objective(coverage=[0.9, 1.5])
 
 
+def test_train_config_asks_for_a_tah2_model():
+    from jobs.train import STAGES, TrainConfig, model_for_method
+    from tah.config import from_dict
+
+    with pytest.raises(ValueError, match="method tah2 trains a TaH2 model"):
+        from_dict(TrainConfig, {"method": "tah2"})  # the default model is v1's
+    model = {"max_depth": 2, "input_rule": "updater", "combine": "stop_prob_mix", "decider_kind": "tah2",
+             "depth_lora": False, "threshold": 0.5}
+    cfg = from_dict(TrainConfig, {"method": "tah2", "model": model})
+    assert model_for_method(cfg) == TaHConfig.tah2(max_depth=2) and STAGES["tah2"] == ["joint"]
+    with pytest.raises(ValueError, match="zero_stage"):
+        from_dict(TrainConfig, {"method": "tah2", "model": model, "optim": {"zero_stage": 3}})
+    with pytest.raises(ValueError, match="TaH2 training needs a TaH2 model"):
+        JointStep(TaHForCausalLM.from_backbone(tiny_qwen3(), TaHConfig(max_depth=2)), Tah2Objective())
+
+
 # ------------------------------------------------------------------ the side pass
 def _packed_batch(T: int = 12, seed: int = 0):
     """Two rows, each holding two samples (segment ids 0, 1) and right padding on the second."""
@@ -311,27 +327,44 @@ def _write_rows(out: Path, n_train: int = 32, n_val: int = 4) -> int:
     return len(tok)
 
 
-def test_tah2_job_trains_on_two_ray_workers(tmp_path):
-    """jobs/train.py method tah2 on 2 CPU workers (ZeRO-2 over gloo): the loss falls, both workers use the
-    same thresholds every step, the metrics reach TensorBoard, the best checkpoint loads as TaH2."""
+def _job_cfg(root: Path, name: str):
+    from jobs.train import TrainConfig
+    from tah.config import load_config
+
+    return load_config(TrainConfig, Path(__file__).resolve().parents[1] / "jobs/configs/train/tah2-tiny.yaml", [
+        f"base_model={root / 'base'}", f"labels={root / 'labels'}", f"storage_path={root / 'runs'}", f"name={name}",
+        "optim.global_batch=8", "optim.micro_batch=2", "optim.max_steps=6", "optim.lr=3e-3",
+        "optim.eval_every=3", "optim.checkpoint_every=3"])
+
+
+@pytest.fixture(scope="module")
+def tah2_job(tmp_path_factory):
+    """One local Ray (2 CPUs) for the job tests, the data, a base model, and one uninterrupted run."""
     import ray
 
     from jobs.common import init_ray
-    from jobs.train import TrainConfig, run
-    from tah.config import load_config
+    from jobs.train import run
 
-    vocab = _write_rows(tmp_path / "labels")
-    tiny_qwen3(vocab_size=vocab, seed=1, initializer_range=0.02).save_pretrained(tmp_path / "base")
-    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "jobs/configs/train/tah2-tiny.yaml", [
-        f"base_model={tmp_path / 'base'}", f"labels={tmp_path / 'labels'}", f"storage_path={tmp_path / 'runs'}",
-        "optim.global_batch=8", "optim.micro_batch=2", "optim.max_steps=6", "optim.lr=3e-3",
-        "optim.eval_every=3", "optim.checkpoint_every=3"])
+    root = tmp_path_factory.mktemp("tah2job")
+    vocab = _write_rows(root / "labels")
+    tiny_qwen3(vocab_size=vocab, seed=1, initializer_range=0.02).save_pretrained(root / "base")
     init_ray(num_cpus=2)
     try:
-        out = run(cfg)
+        yield root, vocab, run(_job_cfg(root, "tah2"))
     finally:
         ray.shutdown()
-    lines = [json.loads(x) for x in (tmp_path / "runs/tah2/tensorboard/joint/metrics.jsonl").read_text().splitlines()]
+
+
+def _job_metrics(root: Path, name: str) -> list[dict]:
+    path = root / "runs" / name / "tensorboard/joint/metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_tah2_job_trains_on_two_ray_workers(tah2_job):
+    """jobs/train.py method tah2 on 2 CPU workers (ZeRO-2 over gloo): the loss falls, both workers use the
+    same thresholds every step, the metrics reach TensorBoard, the best checkpoint loads as TaH2."""
+    root, vocab, out = tah2_job
+    lines = _job_metrics(root, "tah2")
     assert [m["step"] for m in lines] == list(range(1, 7))
     losses = [m["loss"] for m in lines]
     assert sum(losses[-2:]) < sum(losses[:2]), losses
@@ -340,10 +373,30 @@ def test_tah2_job_trains_on_two_ray_workers(tmp_path):
         assert m["tau_d1"] > 0 and m["tau_d1_spread"] == 0.0  # the workers pooled the same threshold
         assert m["share_depth1"] + m["share_depth2"] == pytest.approx(1.0)
         assert m["label_share_d1"] + m["label_share_d2"] == pytest.approx(1.0)
-        assert 0.02 <= m["pos_weight_d1"] <= 50
-    assert (tmp_path / "runs/tah2/tensorboard/joint").glob("events.out.tfevents*")
-    best = json.loads((tmp_path / "runs/tah2/joint/result.json").read_text())
+        assert 0.02 <= m["pos_weight_d1"] <= 50 and 0 < m["side_share"] <= 1
+    assert any((root / "runs/tah2/tensorboard/joint").glob("events.out.tfevents*"))
+    best = json.loads((root / "runs/tah2/joint/result.json").read_text())
     assert best["val_loss"] == min(m["val_loss"] for m in lines if "val_loss" in m)
     model = TaHForCausalLM.from_pretrained(out["joint"])
     assert model.config.decider_kind == "tah2" and model.updater is not None
     assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == vocab
+
+
+def test_tah2_job_resumes_exactly_after_a_crash(tah2_job):
+    """The same run with a worker killed after the step-3 checkpoint: the same weights and losses."""
+    from safetensors.torch import load_file
+
+    from jobs.train import run
+    from tah.testing import FailAfterStep
+
+    root, _, out = tah2_job
+    crashed = run(_job_cfg(root, "tah2-crash"), after_checkpoint=FailAfterStep(3, str(root / "crashed-once")))
+    assert (root / "crashed-once").exists()
+    for name in ("model.safetensors", "updater.safetensors", "decider.safetensors"):
+        a, b = load_file(Path(out["joint"], name)), load_file(Path(crashed["joint"], name))
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), (name, k)
+    want = _job_metrics(root, "tah2")
+    got = {m["step"]: m for m in _job_metrics(root, "tah2-crash")}  # (steps after 3 logged once more)
+    assert got[6]["loss"] == pytest.approx(want[-1]["loss"], abs=1e-6)
+    assert got[6]["tau_d1"] == pytest.approx(want[-1]["tau_d1"], abs=1e-9)
