@@ -45,6 +45,7 @@ test-real: real-model
 bench: $(STAMP)
 	$(PY) bench/attention.py
 	$(PY) bench/train_step.py
+	$(PY) bench/tah2_train.py
 	$(PY) bench/label_throughput.py
 	$(PY) bench/engine.py
 	$(PY) bench/serve.py
