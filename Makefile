@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py
 	$(PY) bench/label_throughput.py
 	$(PY) bench/engine.py
+	$(PY) bench/tah2_decode.py
 	$(PY) bench/serve.py
 	$(PY) bench/scale.py
 
