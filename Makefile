@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) bench/tah2_train.py
 	$(PY) bench/label_throughput.py
 	$(PY) bench/engine.py
+	$(PY) bench/tah2_decode.py
 	$(PY) bench/serve.py
 	$(PY) bench/scale.py
 

@@ -34,7 +34,7 @@ Requests may lower their maximum depth (`SamplingParams.max_depth`, 1..M; 1 = th
 the decider threshold. The same engine runs Standard (depth_policy="standard": every token depth 1)
 and AlwaysThink ("always_think": every token at its maximum depth), so comparisons share one code path.
 
-    python -m tah.engine            # a tiny random model, 4 staggered requests, printed stats
+    python -m tah.engine            # tiny random v1 and TaH2 models, 4 staggered requests each, printed stats
     eng = Engine(TaHForCausalLM.from_pretrained(path), EngineConfig(max_num_seqs=8), eos_token_ids=[2])
     outs = eng.generate([[1, 5, 9], [1, 7]], SamplingParams(max_tokens=32, temperature=0))
 """
@@ -637,6 +637,12 @@ def _demo() -> None:
     outs = eng.generate(prompts, SamplingParams(max_tokens=12, temperature=0), arrivals=[0, 0, 3, 5])
     for o in outs:
         print(o.request_id, o.token_ids, o.finish_reason, "depths:", o.stats.depth_counts)
+    # TaH2 (M = 4): the mixture over depths, one request capped at depth 2
+    tah2 = TaHForCausalLM.from_backbone(tiny_qwen3(), TaHConfig.tah2(max_depth=4))
+    eng = Engine(tah2, EngineConfig(max_num_seqs=3, max_model_len=64))
+    params = [SamplingParams(max_tokens=12, temperature=0, max_depth=m) for m in (None, 2, None, 1)]
+    for o in eng.generate(prompts, params, arrivals=[0, 0, 3, 5]):
+        print("TaH2", o.request_id, o.token_ids, "depths:", o.stats.depth_counts, "prompt:", o.stats.prompt_depth_counts)
 
 
 if __name__ == "__main__":
