@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run demo test test-slow test-real real-model real-run bench gpu-check clean
+.PHONY: install run demo test test-slow test-real test-lm-eval real-model real-run bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m tah.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu and not real_model"
+	$(PY) -m pytest -q -m "not slow and not gpu and not real_model and not lm_eval"
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow or gpu"
@@ -39,14 +39,23 @@ real-run: real-model  # a short TaH+ run on it (CPU, ~20-40 min): runs/real/resu
 	d=$$($(PY) -m tah.real_model --path) && $(PY) jobs/experiment.py --config jobs/configs/real/smollm2-135m.yaml \
 		base_model=$$d reference_model=$$d tokenizer=$$d
 
+# EleutherAI's lm-evaluation-harness against the endpoint, from a virtualenv of its own (its pins are not ours)
+LMEVAL_VENV ?= .venv-lmeval
+test-lm-eval: $(STAMP)
+	test -x $(LMEVAL_VENV)/bin/lm_eval || ($(PYTHON) -m venv $(LMEVAL_VENV) && \
+		$(LMEVAL_VENV)/bin/pip install -q "lm_eval[api]==0.4.13")
+	LM_EVAL=$(LMEVAL_VENV)/bin/lm_eval $(PY) -m pytest -q -m lm_eval
+
 test-real: real-model
 	$(PY) -m pytest -q -m real_model
 
 bench: $(STAMP)
 	$(PY) bench/attention.py
 	$(PY) bench/train_step.py
+	$(PY) bench/tah2_train.py
 	$(PY) bench/label_throughput.py
 	$(PY) bench/engine.py
+	$(PY) bench/tah2_decode.py
 	$(PY) bench/serve.py
 	$(PY) bench/scale.py
 

@@ -11,7 +11,8 @@ Stages (each skipped when its output is complete, so a re-run resumes):
    the SFT model is the reference (skipped when `reference_model` names one and `standard` is not
    among the methods);
 2. oracle labels with the reference (Ray Data actors);
-3. from the same base, same data, same steps: TaH+ (unpruned), TaH (one layer pruned), AlwaysThink;
+3. from the same base, same data, same steps: TaH+ (unpruned), TaH (one layer pruned), AlwaysThink,
+   TaH2 (`tah2`: one joint stage with online labels, the model in `tah2:`);
 4. every model through jobs/eval.py on the held-out split (+ the token-level analysis, whose oracle
    policy is the upper bound of paper table 14);
 5. `<output>/results.{md,json}` (one row per method), `<output>/hard_tokens.{md,json}` (the oracle's
@@ -37,6 +38,7 @@ from jobs.common import init_ray, parse  # (first: sets Ray's loopback switch be
 from jobs.eval import EvalConfig
 from jobs.label import LabelConfig
 from jobs.train import TrainConfig
+from tah.config import TaHConfig
 from tah.assets import shipped_base_model, shipped_task, shipped_tokenizer
 
 DEFAULT_RECIPE = str(files("jobs").joinpath("configs", "tiny.yaml"))  # the embedded default
@@ -46,6 +48,7 @@ METHODS = {  # name -> (TrainConfig.method, prune, eval policy)
     "always_think": ("always_think", False, "always_think"),
     "tah_plus": ("tah", False, "decider"),
     "tah": ("tah", True, "decider"),
+    "tah2": ("tah2", False, "decider"),  # TaH2: one joint stage, labels computed online (needs no oracle)
 }
 
 
@@ -70,6 +73,9 @@ class ExperimentConfig:
     """Template for both label passes (reference_model, source, output are set per pass)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Template for every training run (method, prune, base_model, labels, name are set per run)."""
+    tah2: TaHConfig = field(default_factory=TaHConfig.tah2)
+    """The model method tah2 trains (TaHConfig.tah2 fields; max_depth 2 by default): it replaces
+    train.model, the v1 model, for that run alone."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Template for the evaluation (models, policies, output, labels are set here)."""
 
@@ -99,7 +105,8 @@ def _train(cfg: ExperimentConfig, name: str, labels: str) -> dict[str, str]:
 
     method, prune, _ = METHODS[name]
     tc = dataclasses.replace(cfg.train, method=method, prune=prune, base_model=cfg.base_model, labels=labels,
-                             storage_path=storage.join(cfg.output, "train"), name=name, seed=cfg.seed)
+                             storage_path=storage.join(cfg.output, "train"), name=name, seed=cfg.seed,
+                             **({"model": cfg.tah2} if method == "tah2" else {}))
     return train_run(tc)
 
 

@@ -1,7 +1,8 @@
-"""Training on Ray Train + DeepSpeed: Standard, AlwaysThink, TaH (stage 1 then stage 2).
+"""Training on Ray Train + DeepSpeed: Standard, AlwaysThink, TaH (stage 1 then stage 2), TaH2 (one joint stage).
 
     python jobs/train.py --config jobs/configs/train/tiny.yaml method=tah labels=runs/tiny/labels
     ray job submit -- python jobs/train.py --config jobs/configs/train/qwen3-1.7b.yaml storage_path=s3://bucket/runs
+    python jobs/train.py --config jobs/configs/train/tah2-tiny.yaml labels=runs/tiny/labels
 
 Each stage is one TorchTrainer run named `<name>-<stage>` under `storage_path`; re-running the same
 command resumes each unfinished stage from its latest checkpoint (DeepSpeed states included) and
@@ -10,6 +11,11 @@ skips finished ones. The labelled Parquet is read with Ray Data and split across
 With `prune=true` (TaH rather than TaH+) the job first scores every decoder layer by the perplexity
 increase its removal causes on calibration samples (Ray tasks, layers split between them), removes
 the smallest, and trains from that backbone (`<name>/pruned-base`, with `pruning.json`).
+
+`method: tah2` trains a TaH2 model (`model:` a TaHConfig.tah2 configuration) in one stage, `joint`:
+the decider routes, labels are computed online (tah/train/tah2.py), everything trains. It reads the
+same Parquet as the other methods but only its `input_ids` and `assistant_mask` (the oracle columns
+are ignored), so any jobs/label.py output serves, e.g. one labelled with the base model itself.
 """
 
 from __future__ import annotations
@@ -28,13 +34,13 @@ from tah.assets import shipped_base_model
 from tah.config import TaHConfig, check_choices
 from tah.train.loop import OptimConfig
 
-STAGES = {"standard": ["standard"], "always_think": ["stage1"], "tah": ["stage1", "stage2"]}
-Method = Literal["standard", "always_think", "tah"]
+STAGES = {"standard": ["standard"], "always_think": ["stage1"], "tah": ["stage1", "stage2"], "tah2": ["joint"]}
+Method = Literal["standard", "always_think", "tah", "tah2"]
 
 
 @dataclass
 class TrainConfig:
-    """jobs/train.py: one training method on oracle-labelled data (Standard, AlwaysThink, TaH, TaH+)."""
+    """jobs/train.py: one training method on oracle-labelled data (Standard, AlwaysThink, TaH, TaH+, TaH2)."""
 
     ALIASES: ClassVar[dict[str, str]] = {k: f"optim.{k}" for k in (
         "lr", "stage2_lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
@@ -43,7 +49,8 @@ class TrainConfig:
     """The optimizer's flat names of earlier recipes (`lr=3e-5`) still work as overrides."""
 
     method: Method = "tah"
-    """standard | always_think | tah (stage 1 under oracle depths, then stage 2: the decider)."""
+    """standard | always_think | tah (stage 1 under oracle depths, then stage 2: the decider) | tah2 (one
+    joint stage with online labels; model must be a TaH2 configuration)."""
     prune: bool = False
     """TaH (one layer pruned first, chosen by the smallest perplexity increase) vs TaH+ (unpruned)."""
     prune_layer: int | None = None
@@ -73,12 +80,22 @@ class TrainConfig:
         if self.num_workers < 1:
             raise ValueError("num_workers must be >= 1")
         self.optim.grad_accum(self.num_workers)  # global_batch must split over the workers
+        m = self.model
+        if self.method == "tah2" and (m.max_depth < 2 or m.input_rule != "updater" or m.decider_kind != "tah2"
+                                      or m.combine == "logit_residual" or m.depth_lora):
+            raise ValueError("method tah2 trains a TaH2 model: set model.input_rule=updater, "
+                             "model.decider_kind=tah2, model.combine=stop_prob_mix, model.depth_lora=false, "
+                             "model.threshold=0.5 and max_depth >= 2 (see jobs/configs/train/tah2-tiny.yaml)")
+        if self.method == "tah2" and self.prune:
+            raise ValueError("prune is a TaH (v1) option; method tah2 trains the whole backbone")
+        if self.method == "tah2" and self.optim.zero_stage == 3:
+            raise ValueError("method tah2 trains with optim.zero_stage 0-2 (see tah/train/loop.py)")
 
 
 def model_for_method(cfg: TrainConfig) -> TaHConfig:
     """The model a method trains, derived in the open (the config itself is never rewritten):
     Standard is the plain backbone (max_depth 1); AlwaysThink attends causally within each depth
-    (paper, appendix A.1)."""
+    (paper, appendix A.1); TaH and TaH2 train cfg.model as written."""
     if cfg.method == "standard":
         return dataclasses.replace(cfg.model, max_depth=1)
     if cfg.method == "always_think":

@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from tah.engine import SamplingParams
 
 MAX_N = 8
+MAX_PROMPTS = 64  # prompts in one completions request (lm-eval batches a few; vLLM takes lists too)
+MAX_CHOICES = 128  # prompts x n
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
@@ -140,22 +142,49 @@ def _too_long(limits: Limits, what: str, n: int) -> APIError:
                     param="messages" if what.startswith("the messages") else "prompt", code="context_length_exceeded")
 
 
+TokenIds = Annotated[list[int], Field(min_length=1)]
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[int]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    prompt: str | TokenIds | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] \
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    """One prompt (text or token ids) or a batch of them (each its own choices, OpenAI's and vLLM's
+    convention: choice index = prompt index x n + sample index)."""
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for completions; 0 only with echo
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: Literal[False] = False
+    echo: bool = False
+    """Prepend the prompt to each choice's text (and, with logprobs, its tokens' log-probabilities given
+    the tokens before them: the first is null). With max_tokens 0: scoring only."""
     suffix: None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list (a single prompt is a batch of one)."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
     def check(self, limits: Limits) -> None:
         super().check(limits)
-        if isinstance(self.prompt, str):
-            if len(self.prompt) > limits.max_prompt_chars:  # checked before the tokenizer sees it
-                raise _too_long(limits, "the prompt", len(self.prompt))
-        elif len(self.prompt) >= limits.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {limits.max_model_len} tokens. However, "
-                                f"the prompt has {len(self.prompt)} tokens.", param="prompt",
-                           code="context_length_exceeded")
+        prompts = self.prompts()
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise APIError(400, f"at most {MAX_CHOICES} choices per request (prompts x n), got "
+                                f"{len(prompts)} x {self.n}", param="prompt")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 is only meaningful with echo=true (scoring the prompt)",
+                           param="max_tokens")
+        if self.stream and (len(prompts) > 1 or self.echo):
+            raise APIError(400, "stream=true serves one prompt without echo", param="stream")
+        chars = sum(len(p) for p in prompts if isinstance(p, str))
+        if chars > limits.max_prompt_chars * len(prompts):  # checked before the tokenizer sees it
+            raise _too_long(limits, "the prompt", chars)
+        for p in prompts:
+            if isinstance(p, str):
+                if len(p) > limits.max_prompt_chars:
+                    raise _too_long(limits, "the prompt", len(p))
+            elif len(p) >= limits.max_model_len:
+                raise APIError(400, f"This model's maximum context length is {limits.max_model_len} tokens. "
+                                    f"However, the prompt has {len(p)} tokens.", param="prompt",
+                               code="context_length_exceeded")
 
 
 class ChatMessage(_Strict):
@@ -226,7 +255,7 @@ def _is_field(loc: str) -> bool:
     return re.fullmatch(r"\w+", loc) is not None and loc not in ("str", "int", "float", "bool", "list", "dict")
 
 
-def parse(cls: type[_Common], raw: bytes, limits: Limits | None = None) -> Any:
+def parse(cls: type[_Strict], raw: bytes, limits: Limits | None = None) -> Any:
     """Body bytes -> validated request, or APIError(400) saying what is wrong."""
     data = load_json(raw)
     try:
@@ -237,7 +266,7 @@ def parse(cls: type[_Common], raw: bytes, limits: Limits | None = None) -> Any:
         err = max(e.errors(), key=lambda x: (not x["type"].endswith("_type"), len(x["loc"])))
         where = ".".join(str(x) for x in err["loc"] if isinstance(x, int) or _is_field(x))
         raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param=where or None) from None
-    if req.stream and req.n > 1:
+    if getattr(req, "stream", False) and req.n > 1:
         raise APIError(400, "stream=true supports n=1 only", param="n")
     if limits is not None:
         req.check(limits)
@@ -341,7 +370,49 @@ def depth_list(counts: dict[int, int], max_depth: int) -> list[int]:
     return [int(counts.get(d, 0)) for d in range(1, max_depth + 1)]
 
 
-def completion_logprobs(tokenizer: Any, tokens: list[int], lps: list[float],
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a text prompt or chat messages -> token ids (lm-eval's remote tokenizer)."""
+
+    model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    def check(self, limits: Limits) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        chars = len(self.prompt) if self.prompt is not None else sum(len(m.content) for m in self.messages)
+        if chars > limits.max_prompt_chars:
+            raise _too_long(limits, "the prompt", chars)
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's /detokenize: token ids -> text."""
+
+    model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
+    tokens: list[int]
+
+    def check(self, limits: Limits) -> None:
+        if len(self.tokens) > limits.max_model_len:
+            raise APIError(400, f"at most {limits.max_model_len} tokens", param="tokens")
+        if any(not 0 <= t < limits.vocab_size for t in self.tokens):
+            raise APIError(400, f"tokens must be token ids in [0, {limits.vocab_size})", param="tokens")
+
+
+def echo_logprobs(prompt_lps: list[tuple[float, list[tuple[int, float]]] | None] | None
+                  ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+    """The engine's prompt logprobs -> (token_logprobs, top_logprobs) entries for the prompt's tokens
+    (the first token has neither: null, as OpenAI and vLLM write it)."""
+    lps: list[float | None] = []
+    tops: list[list[tuple[int, float]] | None] = []
+    for e in prompt_lps or []:
+        lps.append(None if e is None else e[0])
+        tops.append(None if e is None else e[1])
+    return lps, tops
+
+
+def completion_logprobs(tokenizer: Any, tokens: list[int], lps: list[float | None],
                         tops: list[list[tuple[int, float]] | None]) -> dict[str, Any]:
     pieces = [tokenizer.decode([t]) for t in tokens]
     offsets, o = [], 0

@@ -21,6 +21,7 @@ $TAH_API_KEY) set, /v1/* wants `Authorization: Bearer <key>` (serve/security.py)
 """
 
 import asyncio  # (no `from __future__ import annotations`: FastAPI reads the route annotations)
+import dataclasses
 import json
 import logging
 import threading
@@ -40,9 +41,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-from serve.protocol import (APIError, ChatRequest, CompletionRequest, Detokenizer, Limits,  # noqa: E402
-                            StopMatcher, chat_logprobs, completion_logprobs, depth_list, new_id, now, parse,
-                            server_error, usage)
+from serve.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, Detokenizer,  # noqa: E402
+                            Limits, StopMatcher, TokenizeRequest, chat_logprobs, completion_logprobs, depth_list,
+                            echo_logprobs, new_id, now, parse, server_error, usage)
 from serve.security import (api_key_digest, bind_replica_grpc_to_loopback, check_api_key,  # noqa: E402
                             read_body)
 from tah.engine import EngineConfig  # noqa: E402
@@ -305,7 +306,8 @@ class TaHServer:
                 text, hit = stopper.feed(detok.add(ev.token_id, final=ev.finished), final=ev.finished)
                 reason = "stop" if hit else ev.finish_reason
                 chunk = {"text": text, "token": ev.token_id, "logprob": ev.logprob, "top": ev.top_logprobs,
-                         "depth": ev.depth, "prompt_depths": ev.prompt_depth_counts, "finish_reason": reason}
+                         "depth": ev.depth, "prompt_depths": ev.prompt_depth_counts,
+                         "prompt_logprobs": ev.prompt_logprobs, "finish_reason": reason}
                 if reason is not None:
                     answered = True
                     self.metrics.e2e.observe(t - t0)
@@ -326,16 +328,23 @@ class TaHServer:
         if name != self.cfg.model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model", "model_not_found")
 
-    def _prompt_ids(self, req: CompletionRequest | ChatRequest) -> list[int]:
-        if isinstance(req, ChatRequest):
-            msgs = [m.model_dump(exclude_none=True) for m in req.messages]
-            out = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-        if isinstance(req.prompt, str):
-            return self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
-        return list(req.prompt)
+    def _chat_ids(self, messages: list, add_generation_prompt: bool = True) -> list[int]:
+        msgs = [m.model_dump(exclude_none=True) for m in messages]
+        out = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
-    async def _tokenize(self, req: CompletionRequest | ChatRequest) -> list[int]:
+    def _prompt_ids(self, req: CompletionRequest | ChatRequest | TokenizeRequest) -> list[list[int]]:
+        """Each prompt's token ids (a chat or a /tokenize request has one)."""
+        if isinstance(req, ChatRequest):
+            return [self._chat_ids(req.messages)]
+        if isinstance(req, TokenizeRequest):
+            if req.messages is not None:
+                return [self._chat_ids(req.messages, req.add_generation_prompt)]
+            return [self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]]
+        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p)
+                for p in req.prompts()]
+
+    async def _tokenize(self, req: CompletionRequest | ChatRequest | TokenizeRequest) -> list[list[int]]:
         """Prompt token ids, computed in the tokenizer thread (its length was bounded by `parse`)."""
         from jinja2 import TemplateError
 
@@ -382,6 +391,48 @@ class TaHServer:
                 m.tokens_ran.labels(depth=k.rsplit("_", 1)[1]).set(v)
         return PlainTextResponse(generate_latest(m.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
+    @fastapi_app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """vLLM's tokenizer endpoints (lm-eval's `tokenizer_backend=remote` uses them)."""
+        try:
+            self._authorize(request)
+            req = parse(TokenizeRequest, await read_body(request, self.cfg.max_request_bytes), self.limits)
+            if req.model is not None:
+                self._check_model(req.model)
+            ids = (await self._tokenize(req))[0]
+            return {"count": len(ids), "max_model_len": self.cfg.engine.max_model_len, "tokens": ids}
+        except APIError as e:
+            return _error(e)
+        except Exception:
+            log.exception("tokenize failed")
+            return _error(server_error())
+
+    @fastapi_app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        try:
+            self._authorize(request)
+            req = parse(DetokenizeRequest, await read_body(request, self.cfg.max_request_bytes), self.limits)
+            if req.model is not None:
+                self._check_model(req.model)
+            text = await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, self.tokenizer.decode, req.tokens)
+            return {"prompt": text}
+        except APIError as e:
+            return _error(e)
+        except Exception:
+            log.exception("detokenize failed")
+            return _error(server_error())
+
+    @fastapi_app.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request):
+        try:
+            self._authorize(request)
+        except APIError as e:
+            return _error(e)
+        t = self.tokenizer
+        return {"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "bos_token": t.bos_token,
+                "pad_token": t.pad_token, "chat_template": t.chat_template,
+                "model_max_length": self.cfg.engine.max_model_len}
+
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._handle(request, CompletionRequest)
@@ -407,28 +458,47 @@ class TaHServer:
             log.exception("request failed")
             return _error(server_error())
 
-    async def _serve(self, req, prompt: list[int], chat: bool):
+    async def _serve(self, req, prompts: list[list[int]], chat: bool):
         stops = req.stops()
         lp = (req.top_logprobs or 0) if chat and req.logprobs else (None if chat else req.logprobs)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         obj = "chat.completion" if chat else "text_completion"
-        if req.stream:
-            gen = self._tokens(prompt, req.sampling(lp, 0), stops)
+        if req.stream:  # (one prompt, no echo: checked by the protocol)
+            gen = self._tokens(prompts[0], req.sampling(lp, 0), stops)
             first = await gen.__anext__()  # errors (context length, ...) become a 4xx before streaming starts
-            return StreamingResponse(self._sse(gen, first, req, rid, created, len(prompt), chat),
+            return StreamingResponse(self._sse(gen, first, req, rid, created, len(prompts[0]), chat),
                                      media_type="text/event-stream")
+        echo = not chat and req.echo
+        scoring = echo and req.max_tokens == 0  # the engine samples one token, which is then dropped
+
+        def params(i: int):
+            sp = req.sampling(lp, i) if not scoring else dataclasses.replace(req.sampling(lp, i), max_tokens=1)
+            # seed + i per prompt: a batch of prompts answers as the same prompts sent one by one would
+            return dataclasses.replace(sp, prompt_logprobs=lp if echo else None)
+
         try:
             # A TaskGroup, not gather: when one choice fails the others are cancelled (their slots freed).
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._collect(prompt, req.sampling(lp, i), stops)) for i in range(req.n)]
+                tasks = [tg.create_task(self._collect(p, params(i), stops)) for p in prompts for i in range(req.n)]
         except ExceptionGroup as eg:  # one choice's error is the response's
             raise next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0]) from None
         results = [t.result() for t in tasks]
-        choices, n_gen, n_it, depths = [], 0, 0, {}
-        for i, (text, toks, lps, tops, reason, it, tok_depths, _) in enumerate(results):
+        choices, n_gen, n_it, depths, prompt_depths = [], 0, 0, {}, {}
+        for i, (text, toks, lps, tops, reason, it, tok_depths, p_depths, p_lps) in enumerate(results):
+            if scoring:
+                text, toks, lps, tops, reason, it, tok_depths = "", [], [], [], "length", 0, []
             n_gen, n_it = n_gen + len(toks), n_it + it
             for d in tok_depths:
                 depths[d] = depths.get(d, 0) + 1
+            if i % req.n == 0:  # each prompt is counted once (OpenAI's prompt_tokens), as its first choice ran it
+                for d, k in p_depths.items():
+                    prompt_depths[d] = prompt_depths.get(d, 0) + k
+            if echo:
+                prompt = prompts[i // req.n]
+                source = req.prompts()[i // req.n]
+                text = (source if isinstance(source, str) else self.tokenizer.decode(prompt)) + text
+                e_lps, e_tops = echo_logprobs(p_lps)
+                toks, lps, tops = prompt + toks, e_lps + lps, e_tops + tops
             logprobs = None
             if lp is not None:
                 logprobs = (chat_logprobs if chat else completion_logprobs)(self.tokenizer, toks, lps, tops)
@@ -437,13 +507,12 @@ class TaHServer:
                                 "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
-        # The prompt is counted once (OpenAI's prompt_tokens), as the first choice ran it.
         return {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": choices,
-                "usage": usage(len(prompt), n_gen, n_it, depth_list(depths, self.max_depth),
-                               depth_list(results[0][7], self.max_depth))}
+                "usage": usage(sum(len(p) for p in prompts), n_gen, n_it, depth_list(depths, self.max_depth),
+                               depth_list(prompt_depths, self.max_depth))}
 
     async def _collect(self, prompt: list[int], params, stops: list[str]):
-        pieces, toks, lps, tops, reason, it, depths, prompt_depths = [], [], [], [], None, 0, [], {}
+        pieces, toks, lps, tops, reason, it, depths, prompt_depths, prompt_lps = [], [], [], [], None, 0, [], {}, None
         async for c in self._tokens(prompt, params, stops):
             pieces.append(c["text"])
             toks.append(c["token"])
@@ -452,8 +521,9 @@ class TaHServer:
             it += c["depth"] >= 2
             depths.append(c["depth"])
             prompt_depths = c["prompt_depths"] or prompt_depths
+            prompt_lps = c["prompt_logprobs"] or prompt_lps
             reason = c["finish_reason"]
-        return "".join(pieces), toks, lps, tops, reason, it, depths, prompt_depths
+        return "".join(pieces), toks, lps, tops, reason, it, depths, prompt_depths, prompt_lps
 
     async def _sse(self, gen, first, req, rid: str, created: int, n_prompt: int, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"

@@ -73,6 +73,25 @@ class TaHOutput:
     loss: torch.Tensor | None = None
     """Next-token cross-entropy of the final logits (of the mixture, for TaH2), averaged once over
     the target tokens."""
+    depth_states: DepthStates | None = None
+    """What each depth ran (forward(return_depth_states=True), cache-less only): TaH2 training's
+    lookahead labels read it (tah/train/tah2.py)."""
+
+
+@dataclass
+class DepthStates:
+    """Per depth d (list index d - 1) of one cache-less forward, in each depth's token order."""
+
+    flat: list[torch.Tensor]
+    """(N_d,) sorted flat indices into (B*T) of the tokens that ran depth d."""
+    logits: list[torch.Tensor]
+    """(N_d, V) their logits at depth d: the depth's own (mixture) or cumulative (v1); with grad."""
+    last_hidden: list[torch.Tensor]
+    """(N_d, H) their last hidden state after the final norm, for depths d < max_depth; with grad."""
+    store: PackedKV
+    """Every depth's K/V (with grad) and key positions/validity/segments."""
+    position_ids: torch.Tensor
+    """(B, T) the position ids the forward used."""
 
 
 class _Layout:
@@ -266,7 +285,7 @@ class TaHForCausalLM(nn.Module):
                 position_ids: torch.Tensor | None = None, past_key_values: TaHCache | None = None,
                 threshold: float | torch.Tensor | None = None, return_decider_logits: bool = True,
                 return_logits: bool = True, segment_ids: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> TaHOutput:
+                logits_at: torch.Tensor | None = None, return_depth_states: bool = False) -> TaHOutput:
         """Run every token to its depth: `depths` (B, T) forced (oracle), or chosen by the decider.
 
         input_ids (B, T); attention_mask (B, T) 1 = real token (left or right padding). Position ids
@@ -280,6 +299,7 @@ class TaHForCausalLM(nn.Module):
         last prompt token) instead of assembling (B, T, V).
         segment_ids (B, T): several samples packed in one row (ids constant within a sample): each
         sample gets its own positions from 0, attention and loss targets never cross samples.
+        return_depth_states: also return `.depth_states` (what each depth ran; cache-less only).
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -293,6 +313,8 @@ class TaHForCausalLM(nn.Module):
                 raise ValueError(f"depths of real tokens must be in 1..{D}; got {depths[bad].unique().tolist()}")
         if past_key_values is not None and B != past_key_values.active:
             raise ValueError(f"batch of {B} rows but the cache's active rows are {past_key_values.active}")
+        if return_depth_states and past_key_values is not None:
+            raise ValueError("return_depth_states is for cache-less forwards (training)")
         if segment_ids is not None:
             if past_key_values is not None:
                 raise NotImplementedError("segment_ids (packing) is for cache-less forwards (training, scoring)")
@@ -327,6 +349,7 @@ class TaHForCausalLM(nn.Module):
         conts: list[torch.Tensor] = []  # per depth: which of its tokens continue deeper
         topk_vals = topk_ids = prev_cum = None  # set at the end of depth d, read by depth d + 1
         embeds = last_hidden = None  # (N_d, H) in list order: token embeddings, depth d's final hidden
+        hiddens: list[torch.Tensor] = []  # per depth < D: (N_d, H), kept for return_depth_states
         for d in range(1, D + 1):
             if flat.numel() == 0:
                 break
@@ -348,6 +371,8 @@ class TaHForCausalLM(nn.Module):
             cum_lists.append(cum)
             if d == D:
                 break
+            if return_depth_states:
+                hiddens.append(lay.unpack(h))
             if need_embeds:
                 last_hidden = lay.unpack(h)
             if need_decider and tah2_dec:
@@ -407,7 +432,10 @@ class TaHForCausalLM(nn.Module):
             else:
                 loss = self._depthwise_loss(layouts, cum_lists, conts, target) / n
         self._set_lora(False)
-        return TaHOutput(logits=logits, depths=run_depth.view(B, T), decider_logits=decider_logits, loss=loss)
+        states = DepthStates([lay.flat for lay in layouts], cum_lists, hiddens, store, position_ids) \
+            if return_depth_states else None
+        return TaHOutput(logits=logits, depths=run_depth.view(B, T), decider_logits=decider_logits, loss=loss,
+                         depth_states=states)
 
     @staticmethod
     def goes_deeper(decider_logits: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ cross-entropy and split into (max_depth - 1) equal bins, highest CE deepest.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -129,3 +129,84 @@ def row_labels(row: dict[str, Any]) -> torch.Tensor:
     """(T,) LM labels: the token where it is an assistant token (a training target), else -100."""
     ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
     return ids.masked_fill(~torch.as_tensor(row["assistant_mask"]).bool(), -100)
+
+
+# ------------------------------------------------------------------ TaH2: online lookahead labels
+# TaH2 (thu-nics/TaH tah2/model/iter_label.py) labels tokens while it trains, boundary by boundary
+# d = 1..M-1: a candidate (a supervised token that ran depth d and was hard at d - 1) is hard at d when
+# its CE gain from one more depth, delta = s_d - s_{d+1}, reaches the coverage threshold tau; its label
+# is then d + 1. These are the pure parts; tah/train/tah2.py computes the scores (with the side pass).
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def coverage_threshold(deltas: torch.Tensor, coverage: float,
+                       gather: Callable[[torch.Tensor], torch.Tensor] = _identity) -> float | None:
+    """The smallest positive gain tau such that the gains >= tau cover `coverage` of the sum of all
+    positive gains, pooled over the workers; None when no worker has a positive gain.
+
+    deltas (N,): this worker's candidates' gains (any sign). `gather` concatenates a 1-D float64
+    tensor over all workers (identity on one worker); every worker must call this the same number of
+    times, so it is called even when this worker has no candidate. Sorting the pooled positives makes
+    tau independent of the workers' order: the same as pooling every gain on one worker.
+    """
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    local = deltas.detach().to(torch.float64).flatten()
+    pooled = gather(local[local > 0])  # NaN gains are never > 0: they take no part
+    if pooled.numel() == 0:
+        return None
+    ordered = pooled.sort(descending=True).values
+    cum = ordered.cumsum(0)
+    # First index whose running sum reaches coverage x total (cum is increasing: gains are > 0).
+    idx = int(torch.searchsorted(cum, cum[-1] * coverage))
+    return float(ordered[min(idx, ordered.numel() - 1)])
+
+
+def boundary_labels(deltas: torch.Tensor, candidates: torch.Tensor, coverage: float,
+                    gather: Callable[[torch.Tensor], torch.Tensor] = _identity, cost_min: float = 1e-6,
+                    cost_max: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """One boundary d: deltas (N,) gains s_d - s_{d+1} (read only where `candidates` (N,) is set) ->
+    (hard (N,) bool, cost (N,) fp32, tau).
+
+    hard = candidate and delta >= tau (none when tau is None). cost = clamp(|delta - tau|, cost_min,
+    cost_max) for candidates (tau taken as 0 when None), cost_min for every other token: a token the
+    decider ran at d without being a candidate still gets a BCE term, at the smallest weight.
+    """
+    tau = coverage_threshold(deltas[candidates], coverage, gather)
+    d = deltas.float()
+    hard = candidates & (d >= tau) if tau is not None else torch.zeros_like(candidates)
+    cost = torch.full_like(d, cost_min)
+    cost[candidates] = (d[candidates] - (tau or 0.0)).abs().clamp(cost_min, cost_max)
+    return hard, cost, tau
+
+
+def dense_lookahead_labels(scores: torch.Tensor, executed: torch.Tensor, supervised: torch.Tensor,
+                           coverage: float | list[float],
+                           gather: Callable[[torch.Tensor], torch.Tensor] = _identity, cost_min: float = 1e-6,
+                           cost_max: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, list[float | None]]:
+    """Every boundary at once, from complete score tables (tests and analysis; training fills the
+    scores it needs as it goes, tah/train/tah2.py).
+
+    scores (N, M): s_d of each token at depth d (read where the token ran d - 1, i.e. also one depth
+    past where it stopped: the side pass's); executed (N, M) bool: ran depth d in the main pass;
+    supervised (N,) bool. Returns labels (N,) long (1..M, 0 where unsupervised), costs (N, M - 1) fp32
+    and the taus. Candidates at d: supervised, ran d, hard at d - 1 (all supervised tokens at d = 1).
+    """
+    N, M = scores.shape
+    covs = coverage if isinstance(coverage, list) else [coverage]
+    labels = torch.ones(N, dtype=torch.long, device=scores.device)
+    costs, taus = [], []
+    cand = supervised.bool()
+    for d in range(1, M):
+        cand = cand & executed[:, d - 1]
+        hard, cost, tau = boundary_labels(scores[:, d - 1] - scores[:, d], cand, covs[min(d, len(covs)) - 1],
+                                          gather, cost_min, cost_max)
+        labels[hard] = d + 1
+        costs.append(cost)
+        taus.append(tau)
+        cand = hard
+    costs_t = torch.stack(costs, 1) if costs else scores.new_zeros(N, 0)
+    return labels.masked_fill(~supervised.bool(), 0), costs_t, taus

@@ -44,6 +44,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """None: none; 0: the chosen token's log-probability; k: also the k most likely tokens'."""
+    prompt_logprobs: int | None = None
+    """As `logprobs`, for every prompt token given the tokens before it (the first has none): scoring,
+    OpenAI's `echo` with `logprobs`."""
     threshold: float | None = None
     """Decider threshold for this request (None: the engine's current one)."""
     max_depth: int | None = None
@@ -78,6 +81,9 @@ class SamplingParams:
         lp_max = min(MAX_LOGPROBS, vocab_size) if vocab_size is not None else MAX_LOGPROBS
         if self.logprobs is not None and (_int(self.logprobs) is None or not 0 <= self.logprobs <= lp_max):
             raise RequestError(f"logprobs must be an integer in [0, {lp_max}], got {_show(self.logprobs)}")
+        if self.prompt_logprobs is not None and (_int(self.prompt_logprobs) is None
+                                                 or not 0 <= self.prompt_logprobs <= lp_max):
+            raise RequestError(f"prompt_logprobs must be an integer in [0, {lp_max}], got {_show(self.prompt_logprobs)}")
         if self.threshold is not None and (_real(self.threshold) is None or not 0 <= self.threshold <= 1):
             raise RequestError(f"threshold must be in [0, 1], got {_show(self.threshold)}")
         if self.max_depth is not None and (_int(self.max_depth) is None or self.max_depth < 1):

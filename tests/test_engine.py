@@ -292,3 +292,32 @@ def test_per_request_max_depth_v1():
     assert outs[2].token_ids == alone.token_ids[:8] and 3 in outs[2].depths
     with pytest.raises(RequestError, match="at most this model's maximum depth 3"):
         eng.add_request(p[0], SamplingParams(max_tokens=2, max_depth=4))
+
+
+@pytest.mark.parametrize("policy", ["decider", "standard"])
+def test_prompt_logprobs_agree_with_the_prefill_and_the_backbone(policy):
+    """Scoring (OpenAI echo + logprobs): scoring prompt + [its first greedy token] gives that token the
+    log-probability the cached prefill gave it when it was sampled (two independent paths: parallel
+    forward of the prompt alone vs the batched prefill into the cache); under the Standard policy every
+    prompt logprob is the HF backbone's own log_softmax."""
+    model, thr = _model_with_mixed_depths()
+    eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, depth_policy=policy))
+    prompts = _prompts(3, seed=5, lo=6, hi=14)
+    first = eng.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, logprobs=0))
+    scored = eng.generate([p + o.token_ids for p, o in zip(prompts, first)],
+                          SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=3))
+    for p, f, s in zip(prompts, first, scored):
+        plp = s.prompt_logprobs
+        assert len(plp) == len(p) + 1 and plp[0] is None
+        assert abs(plp[-1][0] - f.logprobs[0]) <= 1e-5
+        assert all(len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1] for _, top in plp[1:])
+        assert all(lp <= top[0][1] + 1e-6 for lp, top in plp[1:])
+        if policy == "standard":
+            ids = torch.tensor([p + f.token_ids])
+            with torch.no_grad():
+                ref = torch.log_softmax(model.backbone(ids).logits[0, :-1].float(), -1)
+            want = ref.gather(1, ids[0, 1:, None])[:, 0]
+            assert torch.allclose(torch.tensor([x[0] for x in plp[1:]]), want, atol=1e-5)
+    assert eng.num_running == 0 and eng.pool.num_used == 0
+    with pytest.raises(RequestError, match="prompt_logprobs"):
+        eng.add_request([1, 2, 3], SamplingParams(prompt_logprobs=21))

@@ -45,9 +45,9 @@ def test_short_experiment_produces_every_artifact(ray_local, tmp_path):
         "train.max_steps=2", "train.global_batch=4", "train.micro_batch=2", "train.eval_every=2",
         "train.checkpoint_every=2", "eval.limit=6", "eval.max_tokens=24", "eval.batch_size=6"])
     rows = run(cfg)
-    assert [r["method"] for r in rows] == ["standard", "always_think", "tah_plus", "tah"]
+    assert [r["method"] for r in rows] == ["standard", "always_think", "tah_plus", "tah", "tah2"]
     for name, stage in (("standard", "standard"), ("always_think", "stage1"), ("tah_plus", "stage2"),
-                        ("tah", "stage2")):
+                        ("tah", "stage2"), ("tah2", "joint")):
         ckpt = tmp_path / "train" / name / stage / "model"
         assert (ckpt / "tah_config.json").exists(), name
         assert (tmp_path / "eval" / name / "tinytask.jsonl").exists()
@@ -57,11 +57,13 @@ def test_short_experiment_produces_every_artifact(ray_local, tmp_path):
     assert "| target token kind |" in (tmp_path / "hard_tokens.md").read_text()
     assert (tmp_path / "eval" / "tah" / "analysis" / "threshold.png").exists()
     table = (tmp_path / "results.md").read_text()
-    assert all(f"| {m} |" in table for m in ("standard", "always_think", "tah_plus", "tah"))
+    assert all(f"| {m} |" in table for m in ("standard", "always_think", "tah_plus", "tah", "tah2"))
     res = json.loads((tmp_path / "results.json").read_text())["rows"]
     by = {r["method"]: r for r in res}
     # TaH has one decoder layer fewer than TaH+ (pruned), and Standard has no LoRA or decider.
     n_layers = {m: TaHForCausalLM.from_pretrained(by[m]["checkpoint"]).num_layers for m in by}
     assert n_layers["tah"] == n_layers["tah_plus"] - 1 == n_layers["standard"] - 1
     assert by["standard"]["pct_iterated"] == 0 and by["always_think"]["avg_depth"] == 2
+    tah2 = TaHForCausalLM.from_pretrained(by["tah2"]["checkpoint"]).config
+    assert (tah2.input_rule, tah2.combine, tah2.max_depth) == ("updater", "stop_prob_mix", 2)
     assert by["standard"]["parameters"] < by["tah_plus"]["parameters"]

@@ -133,6 +133,70 @@ def test_greedy_tokens_equal_the_engine(server):
     assert len(res.choices[0].logprobs.token_logprobs) == len(ref)
 
 
+def _post_json(server, path: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(server["url"] + path, data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_echo_scoring_prompt_lists_and_tokenizer_endpoints(server):
+    """What lm-eval's loglikelihood needs: echo + logprobs returns each prompt token's log-probability
+    (the first null), equal to the engine's own scoring of the prompt; max_tokens 0 scores only; a list
+    of prompts gives each its choices (index = prompt x n + sample), each equal to that prompt alone;
+    /tokenize, /detokenize and /tokenizer_info as vLLM names them."""
+    client = _client(server)
+    tok = server["tok"]
+    texts = ["Compute 12 + 30.", "The answer is 42"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    res = client.completions.create(model="tah", prompt=texts, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    assert [c.index for c in res.choices] == [0, 1] and [c.text for c in res.choices] == texts
+    assert res.usage.completion_tokens == 0 and res.usage.prompt_tokens == sum(map(len, ids))
+    model = TaHForCausalLM.from_pretrained(server["ckpt"])
+    eng = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=4096), eos_token_ids=[tok.eos_token_id])
+    for c, p in zip(res.choices, ids):
+        ref = eng.generate([p], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))[0].prompt_logprobs
+        lp = c.logprobs
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(p)
+        assert lp.token_logprobs[1:] == pytest.approx([e[0] for e in ref[1:]], abs=1e-5)
+        assert [len(t) for t in lp.top_logprobs[1:]] == [1] * (len(p) - 1)
+    # echo with generation: prompt then completion, in text and in logprobs
+    gen = client.completions.create(model="tah", prompt=ids[0], max_tokens=5, echo=True, logprobs=0, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    alone = client.completions.create(model="tah", prompt=ids[0], max_tokens=5, logprobs=0, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert gen.choices[0].text == tok.decode(ids[0]) + alone.choices[0].text
+    assert len(gen.choices[0].logprobs.token_logprobs) == len(ids[0]) + 5
+    assert gen.choices[0].logprobs.token_logprobs[len(ids[0]):] == pytest.approx(
+        alone.choices[0].logprobs.token_logprobs, abs=1e-6)
+    # a batch of token-id prompts with n = 2 and a seed: each prompt's choices equal it sent alone
+    kw = dict(model="tah", max_tokens=6, temperature=0.8, seed=3, n=2, extra_body={"ignore_eos": True})
+    both = client.completions.create(prompt=ids, **kw)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    for j, p in enumerate(ids):
+        one = client.completions.create(prompt=p, **kw)
+        assert [c.text for c in both.choices[2 * j:2 * j + 2]] == [c.text for c in one.choices]
+    # the tokenizer endpoints
+    status, body = _post_json(server, "/tokenize", {"prompt": texts[0], "add_special_tokens": False})
+    assert status == 200 and body["tokens"] == ids[0] and body["count"] == len(ids[0])
+    status, body = _post_json(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    templ = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
+    assert status == 200 and body["tokens"] == list(templ["input_ids"] if hasattr(templ, "keys") else templ)
+    assert _post_json(server, "/detokenize", {"tokens": ids[1]}) == (200, {"prompt": tok.decode(ids[1])})
+    info = json.loads(urllib.request.urlopen(urllib.request.Request(
+        server["url"] + "/tokenizer_info", headers={"authorization": f"Bearer {KEY}"}), timeout=10).read())
+    assert info["eos_token"] == tok.eos_token and info["chat_template"] == tok.chat_template
+    # refused: scoring without echo, echo with stream, a vocabulary-external id, both prompt and messages
+    assert _post_json(server, "/v1/completions", {"model": "tah", "prompt": "x", "max_tokens": 0})[0] == 400
+    assert _post_json(server, "/v1/completions", {"model": "tah", "prompt": "x", "echo": True, "stream": True})[0] == 400
+    assert _post_json(server, "/detokenize", {"tokens": [10**9]})[0] == 400
+    assert _post_json(server, "/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]})[0] == 400
+    assert _post_json(server, "/v1/completions", {"model": "tah", "prompt": [[1, 2]] * 65})[0] == 400
+
+
 def test_sampling_knobs_seed_and_stop(server):
     client = _client(server)
     kw = dict(model="tah", prompt="Solve: 3 + 4 =", max_tokens=16, temperature=0.9, seed=7,

@@ -14,10 +14,10 @@
 from ..sampling import RequestError, SamplingParams
 from .core import DEPTH_POLICIES, DepthPolicy, Engine, EngineConfig
 from .kv import BlockPool, NoFreeBlocks, PagedBatch, SeqKV
-from .outputs import OutputProcessor, RequestOutput, RequestStats, TokenEvent
+from .outputs import OutputProcessor, PromptLogprob, RequestOutput, RequestStats, TokenEvent
 from .runner import ModelRunner
 from .scheduler import Request, Scheduler, StepPlan
 
 __all__ = ["BlockPool", "DEPTH_POLICIES", "DepthPolicy", "Engine", "EngineConfig", "ModelRunner", "NoFreeBlocks",
-           "OutputProcessor", "PagedBatch", "Request", "RequestError", "RequestOutput", "RequestStats", "Scheduler",
+           "OutputProcessor", "PagedBatch", "PromptLogprob", "Request", "RequestError", "RequestOutput", "RequestStats", "Scheduler",
            "SamplingParams", "SeqKV", "StepPlan", "TokenEvent"]

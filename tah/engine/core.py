@@ -49,7 +49,7 @@ from ..config import check_choices
 from ..model import TaHForCausalLM
 from ..sampling import RequestError, SamplingParams
 from .kv import BlockPool, NoFreeBlocks, SeqKV, chain_hashes
-from .outputs import OutputProcessor, RequestOutput, RequestStats, TokenEvent
+from .outputs import OutputProcessor, PromptLogprob, RequestOutput, RequestStats, TokenEvent
 from .runner import ModelRunner
 from .scheduler import Request, Scheduler
 
@@ -286,6 +286,13 @@ class Engine:
             except Exception as e:
                 log.exception("decode pass failed: failing its %d requests", len(plan.decode))
                 self._fail(plan.decode, e, events)
+        for r in [r for r in plan.prefill if r.params.prompt_logprobs is not None and r.prompt_logprobs is None]:
+            try:
+                r.prompt_logprobs = self._score_prompt(r)
+            except Exception as e:  # this request's scoring alone: the others prefill as usual
+                log.exception("request %s failed while scoring its prompt", r.rid)
+                self._fail([r], e, events)
+                plan.prefill.remove(r)
         if plan.prefill:
             part = self._prefill(plan.prefill, events)
             if part is not None:
@@ -294,6 +301,25 @@ class Engine:
         if reqs:
             logits = parts[0][0] if len(parts) == 1 else torch.cat([lg.float() for lg, _, _ in parts])
             self.outputs.process(logits, torch.cat([d for _, d, _ in parts]).tolist(), reqs, events)
+
+    @torch.no_grad()
+    def _score_prompt(self, r: Request) -> list[PromptLogprob]:
+        """Each prompt token's log-probability given the tokens before it, with the top-k at its
+        position: the parallel forward of the prompt alone, under the model, depth rule, cap and
+        threshold its prefill uses (tests check it against the prefill's own last-token logits)."""
+        ids = torch.tensor([r.prompt], dtype=torch.long, device=self.device)  # (1, T)
+        forced = torch.full_like(ids, r.cap) if self.config.depth_policy != "decider" else None
+        with self.model.depth_capped(r.cap if forced is None else None):
+            logits = self.model(ids, depths=forced, threshold=self._thr(r), return_decider_logits=False).logits[0]
+        logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # (T - 1, V): position i predicts token i + 1
+        target = ids[0, 1:]
+        chosen = logp.gather(1, target[:, None])[:, 0].tolist()
+        k = r.params.prompt_logprobs
+        tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if k:
+            top = logp.topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        return [None] + [(lp, t) for lp, t in zip(chosen, tops)]
 
     def _prefill(self, new: list[Request], events: list[TokenEvent]):
         for r in new:
@@ -366,7 +392,8 @@ class Engine:
                     logprobs[ev.request_id].append(ev.logprob)
             step += 1
         return [RequestOutput(rid, reqs[rid].prompt, reqs[rid].output, reqs[rid].finish_reason, reqs[rid].stats,
-                              logprobs[rid] or None, reqs[rid].depths, reqs[rid].error) for rid in rids]
+                              logprobs[rid] or None, reqs[rid].depths, reqs[rid].error, reqs[rid].prompt_logprobs)
+                for rid in rids]
 
 
 def _demo() -> None:
@@ -382,3 +409,9 @@ def _demo() -> None:
     for o in outs:
         print(o.request_id, o.token_ids, o.finish_reason, "depths:", o.stats.depth_counts)
     print(eng.stats())
+    # TaH2 (M = 4): the mixture over depths, one request capped at depth 2 and one at depth 1
+    tah2 = TaHForCausalLM.from_backbone(tiny_qwen3(), TaHConfig.tah2(max_depth=4))
+    eng = Engine(tah2, EngineConfig(max_num_seqs=3, max_model_len=64, block_size=8))
+    params = [SamplingParams(max_tokens=12, temperature=0, max_depth=m) for m in (None, 2, None, 1)]
+    for o in eng.generate(prompts, params, arrivals=[0, 0, 3, 5]):
+        print("TaH2", o.request_id, o.token_ids, "depths:", o.stats.depth_counts, "prompt:", o.stats.prompt_depth_counts)

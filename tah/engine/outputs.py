@@ -44,6 +44,11 @@ class RequestStats:
         return sum(n for d, n in self.depth_counts.items() if d >= 2)
 
 
+PromptLogprob = tuple[float, list[tuple[int, float]]] | None
+"""A prompt token's (log-probability given the tokens before it, [(token id, log-probability)] of the
+most likely tokens at that position); None for the first prompt token."""
+
+
 @dataclass
 class TokenEvent:
     """One generated token of one request (what `step()` returns)."""
@@ -60,6 +65,9 @@ class TokenEvent:
     """With finish_reason "error": what failed (a RequestError: the request's fault; else ours)."""
     prompt_depth_counts: dict[int, int] | None = None
     """On a request's first token only: its prompt tokens by the depth they ran at prefill."""
+    prompt_logprobs: list[PromptLogprob] | None = None
+    """On a request's first token only, if asked (SamplingParams.prompt_logprobs): one entry per prompt
+    token, None for the first."""
 
 
 @dataclass
@@ -73,6 +81,7 @@ class RequestOutput:
     depths: list[int] = field(default_factory=list)
     error: BaseException | None = None
     """With finish_reason "error": what failed."""
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 def sample_rows(logits: torch.Tensor, reqs: list["Request"]) -> list[int | BaseException]:
@@ -135,6 +144,7 @@ class OutputProcessor:
                 continue
             if not r.output:
                 ev.prompt_depth_counts = dict(r.stats.prompt_depth_counts)
+                ev.prompt_logprobs = r.prompt_logprobs
             self.record(r, tok, d, ev, now)
             events.append(ev)
 

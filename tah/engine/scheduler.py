@@ -65,6 +65,8 @@ class Request:
     preemptions: int = 0
     worst_case: bool = False
     """Its prefill ran out of blocks: admit it next with the worst case reserved."""
+    prompt_logprobs: list | None = None
+    """Its prompt scored (SamplingParams.prompt_logprobs), once, before its first prefill."""
 
     @property
     def tokens(self) -> list[int]:

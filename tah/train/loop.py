@@ -5,8 +5,10 @@ CPU or nccl on GPU); jobs/train.py runs it inside Ray Train and passes the Ray-s
 `Hooks` (report metrics + a checkpoint directory, the checkpoint to resume from). Each worker gets a
 fixed share of the samples from its runner, so a resumed run sees the same batches.
 
-Stages: "standard" / "stage1" (LM loss at the given depths; backbone + LoRA train) and "stage2"
-(decider BCE on the frozen backbone, pos_weight counted from the data).
+Stages: "standard" / "stage1" (LM loss at the given depths; backbone + LoRA train), "stage2"
+(decider BCE on the frozen backbone, pos_weight counted from the data) and "joint" (TaH2: everything
+trains on the mixture NLL + 0.05 x the cost-weighted BCE of the online lookahead labels, both divided by
+the step's supervised-token count over all workers; tah/train/tah2.py).
 
     (run through jobs/train.py; tests/test_train_job.py runs it on 2 CPU workers)
 """
@@ -19,7 +21,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
@@ -27,7 +29,7 @@ import torch
 from ..config import check_choices
 from ..model import TaHForCausalLM
 from .batching import collate, sorted_windows
-from .losses import decider_loss, pos_weight, stop_continue_counts
+from .losses import Tah2Objective, decider_loss, pos_weight, stop_continue_counts
 
 STATE_NAME = "trainer_state.json"
 MODEL_DIR = "model"
@@ -38,12 +40,15 @@ class OptimConfig:
     """The optimizer, schedule, batching and DeepSpeed settings of a training stage (the loop's knobs)."""
 
     lr: float = 4e-5
+    """Peak learning rate (AdamW, betas 0.9 / 0.999)."""
     stage2_lr: float = 3e-5
     """Learning rate of stage 2 (the decider alone)."""
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at lr x min_lr_ratio."""
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    """AdamW weight decay, on every trainable parameter (the TaH2 authors exempt only nn.LayerNorm
+    weights and biases, of which Qwen3 has none: its RMSNorm weights decay there too)."""
     max_grad_norm: float = 0.2
     epochs: float = 5.0
     stage2_epochs: float = 2.0
@@ -61,6 +66,8 @@ class OptimConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool = False
     """bf16 on GPU; CPU runs fp32."""
+    tah2: Tah2Objective = field(default_factory=Tah2Objective)
+    """The joint stage's loss and online labels (method tah2)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -111,6 +118,36 @@ def deepspeed_config(cfg: OptimConfig, world: int) -> dict[str, Any]:
     }
 
 
+def all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
+    """The 1-D tensors of every worker, concatenated in rank order (sizes may differ, zero included):
+    the sizes are gathered first, then the tensors padded to the largest. Identity on one worker."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    n = torch.tensor([x.numel()], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    if max(sizes) == 0:  # every worker knows every size: all return here together
+        return x.new_zeros(0)
+    padded = x.new_zeros(max(sizes))
+    padded[:x.numel()] = x
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed over every worker (a new tensor; identity on one worker)."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    out = x.clone()
+    dist.all_reduce(out)
+    return out
+
+
 def _micro_batches(rows: list[dict[str, Any]], micro: int, seed: int, epoch: int) -> list[list[int]]:
     """This epoch's micro-batches (indices into rows): shuffled by seed + epoch, similar lengths together."""
     order = list(range(len(rows)))
@@ -128,18 +165,28 @@ def run_stage(model: TaHForCausalLM, stage: str, method: str, train_rows: list[d
               ) -> dict[str, float]:
     """Train one stage on this worker's share of the rows (of `total_train_rows` over all workers;
     the caller assigns shares); returns the last metrics. `method` (standard | always_think | tah)
-    sets the depths the rows run at; `metric` is the oracle's (see tah.oracle.row_depths)."""
+    sets the depths the rows run at; `metric` is the oracle's (see tah.oracle.row_depths). Stage
+    "joint" (method tah2) routes by the decider and labels online: only the tokens and assistant masks
+    of the rows are read."""
     import deepspeed
+
+    from .tah2 import JointStep
 
     method = "tah" if stage == "stage2" else method
     max_depth = model.config.max_depth
     accum = cfg.grad_accum(world)
+    if stage == "joint" and cfg.zero_stage == 3:
+        # ZeRO-3 gathers each layer's weights inside its forward call; the routing and the side pass
+        # call the backbone a different number of times on each rank, so the gathers would not match.
+        raise ValueError("method tah2 trains with zero_stage 0-2 (ZeRO-3's per-call gathers need the same "
+                         "backbone calls on every rank)")
 
     def to_device(idx: list[int], rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        b = collate([rows[i] for i in idx], method, max_depth, metric)
+        # tah2 needs no depths (the decider routes): any method's collate gives tokens and targets
+        b = collate([rows[i] for i in idx], "standard" if stage == "joint" else method, max_depth, metric)
         return {k: v.to(device) for k, v in b.items()}
 
-    model.set_trainable({"standard": "standard", "stage1": "stage1", "stage2": "stage2"}[stage])
+    model.set_trainable({"standard": "standard", "stage1": "stage1", "stage2": "stage2", "joint": "all"}[stage])
     model.to(device)
     mine = train_rows[: total_train_rows // world]  # equal counts on every worker: collectives need them
     val_mine = val_rows
@@ -181,10 +228,21 @@ def run_stage(model: TaHForCausalLM, stage: str, method: str, train_rows: list[d
 
     # A micro-batch without hard tokens skips depth 2, so the LoRA weights get no gradient on that
     # rank; ZeRO's bucketed all-reduce then differs in size between ranks and gloo aborts. A
-    # zero-weighted touch keeps every skippable weight in the graph on every rank.
+    # zero-weighted touch keeps every skippable weight in the graph on every rank (the joint stage
+    # does the same for the updater and decider: JointStep).
     skippable = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n] if stage == "stage1" else []
+    # DeepSpeed divides each micro-batch's loss by the accumulation steps and averages over the
+    # workers: scale = accum x world gives the step's sums over every worker / N.
+    joint = JointStep(model, cfg.tah2, gather=all_gather_varlen, reduce=all_reduce_sum,
+                      scale=accum * world) if stage == "joint" else None
 
     def forward(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if joint is not None and engine.training:
+            return joint.micro(engine, b), {}
+        if joint is not None:  # validation: the mixture's NLL under the decider's routing
+            out = engine(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                         return_decider_logits=False, return_logits=False)
+            return out.loss, {}
         if stage == "stage2":
             out = engine(b["input_ids"], attention_mask=b["attention_mask"], depths=b["depths"], return_logits=False)
             return decider_loss(out.decider_logits, b["depths"], b["positions"], weight)
@@ -211,8 +269,12 @@ def run_stage(model: TaHForCausalLM, stage: str, method: str, train_rows: list[d
     while step < total:
         epoch, in_epoch = divmod(step, per_epoch)
         batches = _micro_batches(mine, cfg.micro_batch, seed, epoch)[in_epoch * accum:]
-        for m, idx in enumerate(batches[: (per_epoch - in_epoch) * accum]):
-            b = to_device(idx, mine)
+        todo = batches[: (per_epoch - in_epoch) * accum]
+        for m, idx in enumerate(todo):
+            if joint is not None and m % accum == 0:  # N of the step, over every worker (one all_reduce)
+                group = [to_device(ix, mine) for ix in todo[m:m + accum]]
+                joint.begin(group)
+            b = group[m % accum] if joint is not None else to_device(idx, mine)
             loss, extra = forward(b)
             engine.backward(loss)
             engine.step()
@@ -222,10 +284,13 @@ def run_stage(model: TaHForCausalLM, stage: str, method: str, train_rows: list[d
             if (m + 1) % accum:
                 continue
             step += 1
-            metrics = {"stage": {"standard": 0, "stage1": 1, "stage2": 2}[stage], "step": step, "loss": float(loss),
-                       "lr": sched.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            metrics = {"stage": {"standard": 0, "stage1": 1, "stage2": 2, "joint": 3}[stage], "step": step,
+                       "loss": float(loss), "lr": sched.get_last_lr()[0],
+                       "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                        "tokens_per_s": tokens / max(time.time() - t0, 1e-9), "share_depth2": hard / max(seen, 1),
                        **{f"decider_{k}": v for k, v in extra.items()}}
+            if joint is not None:  # the step's loss over every worker, shares, tau, pos_weight, BCE
+                metrics.update(joint.metrics())
             last = step == total
             checkpoint = step % cfg.checkpoint_every == 0 or last
             if step % cfg.eval_every == 0 or checkpoint:  # every checkpoint carries its val loss
