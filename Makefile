@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(PY) bench/label_throughput.py
 	$(PY) bench/engine.py
 	$(PY) bench/tah2_decode.py
+	$(PY) bench/engine_v2.py
 	$(PY) bench/serve.py
 	$(PY) bench/scale.py
 
