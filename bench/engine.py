@@ -12,6 +12,8 @@ checkpoint. Standard and AlwaysThink are the same engine with forced depths; HF 
 
     python bench/engine.py                                   # small random Qwen3, batch 1 and 32
     python bench/engine.py --checkpoint runs/tiny/train/tah/stage2/model --threshold 0.9
+    python bench/engine.py --model $(python -m tah.real_model --path)   # a real HF model, TaH calibrated on it
+    python bench/engine.py --size smollm2-135m                         # its shape (Llama), random weights
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ DIMS = {"tiny": dict(vocab_size=1024, hidden_size=64, num_layers=4, num_heads=4,
                        head_dim=64, intermediate_size=3072),
         "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
                            head_dim=128, intermediate_size=3072)}
+# A real model's shape (SmolLM2-135M: Llama, no q/k norm, untied head in this builder), random weights.
+LLAMA_DIMS = {"smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                                   intermediate_size=1536)}
 
 
 def build(args: argparse.Namespace):
@@ -50,8 +55,19 @@ def build(args: argparse.Namespace):
 
         hf = AutoModelForCausalLM.from_pretrained(storage.local_copy(args.checkpoint), dtype=dtype).to(dev).eval()
         return model, hf, args.threshold, model.backbone.config.vocab_size
-    dims = DIMS[args.size]  # the shape; weights random
-    hf = tiny_qwen3(**dims, initializer_range=0.02).to(dev, dtype)
+    if args.model:  # a plain HF model (e.g. tah.real_model's): TaH's LoRA and decider fresh on top
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(dev).eval()
+        dims = {"vocab_size": hf.config.vocab_size}
+    elif args.size in LLAMA_DIMS:
+        from tah.testing import tiny_llama
+
+        dims = LLAMA_DIMS[args.size]
+        hf = tiny_llama(**dims, initializer_range=0.02).to(dev, dtype)
+    else:
+        dims = DIMS[args.size]  # the shape; weights random
+        hf = tiny_qwen3(**dims, initializer_range=0.02).to(dev, dtype)
     ref = copy.deepcopy(hf)
     torch.manual_seed(0)
     model = TaHForCausalLM.from_backbone(hf, TaHConfig(max_depth=2, lora=LoraSettings(r=16, alpha=32, dropout=0.0),
@@ -67,8 +83,9 @@ def build(args: argparse.Namespace):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="small", choices=["tiny", "small", "medium", "qwen3-0.6b"])
-    ap.add_argument("--checkpoint")
+    ap.add_argument("--size", default="small", choices=[*DIMS, *LLAMA_DIMS])
+    ap.add_argument("--checkpoint", help="a trained TaH checkpoint (its own decider and threshold)")
+    ap.add_argument("--model", help="a plain HF causal LM directory: TaH (random LoRA, calibrated decider) over it")
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--share", type=float, default=0.07, help="random model: share of tokens sent to depth 2")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -83,7 +100,8 @@ def main() -> None:
 
     model, hf, thr, vocab = build(args)
     dev = model.backbone.get_input_embeddings().weight.device
-    print(f"# engine decode, {args.checkpoint or args.size + ' random Qwen3'}, device {dev}, "
+    what = args.checkpoint or args.model or f"{args.size} random {'Llama' if args.size in LLAMA_DIMS else 'Qwen3'}"
+    print(f"# engine decode, {what}, device {dev}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.waves} x batch requests, "
           f"temperature {args.temperature}, TaH threshold {thr:.4f}")
     print("| batch | method | tokens/s | share depth 2 | ÷ Standard | ")
@@ -115,7 +133,7 @@ def main() -> None:
 
         def run_hf():  # static batches of B, the paper's sampling defaults
             n, t0 = 0, time.perf_counter()
-            for w in range(3):
+            for w in range(min(3, args.waves)):  # (the queue holds `waves` batches)
                 ids = torch.tensor(prompts[w * B:(w + 1) * B], device=dev)
                 with torch.no_grad():
                     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
