@@ -58,6 +58,18 @@ def randomize_lora(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) ->
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
+def randomize_tah2(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random norm scales on a TaH2 model's updater and decider, and a decider score far from p = 0.5
+    everywhere (their init makes every token's decision a coin flip at 0.5): routing then mixes depths."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in (model.updater, model.decider):
+            for name, p in mod.named_parameters():
+                if name.startswith("norm"):
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        model.decider.score.weight.copy_(0.5 * torch.randn(model.decider.score.weight.shape, generator=g))
+
+
 @dataclass(frozen=True)
 class FailAfterStep:
     """A train-loop hook (`Hooks.after_checkpoint`, via `jobs.train.run(after_checkpoint=...)`) that

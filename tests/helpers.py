@@ -5,11 +5,16 @@ from here, never from another test file.
 from __future__ import annotations
 
 import copy
+import socket
+import sys
+from pathlib import Path
 
 import torch
 
 from tah import TaHConfig, TaHForCausalLM
-from tah.testing import randomize_lora, tiny_llama, tiny_qwen3
+from tah.testing import randomize_lora, randomize_tah2, tiny_llama, tiny_qwen3
+
+VENV_BIN = Path(sys.executable).parent  # this venv's `serve`, for tests that run it as a user does
 
 BUILDERS = {"qwen3": tiny_qwen3, "llama": tiny_llama}
 
@@ -38,3 +43,22 @@ def batch(B: int = 3, T: int = 14, vocab: int = 300, padding: str = "left", seed
         else:
             mask[b, T - n:] = 0
     return ids.masked_fill(mask == 0, 0), mask
+
+
+def make_tah2(max_depth: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32, **fields) -> TaHForCausalLM:
+    """A tiny random TaH2 model (TaHConfig.tah2 + fields) whose routing mixes depths (randomize_tah2);
+    in training mode, as a fresh module is (call .eval() for inference)."""
+    model = TaHForCausalLM.from_backbone(tiny_qwen3(dtype=dtype), TaHConfig.tah2(max_depth=max_depth, **fields))
+    randomize_tah2(model, seed)
+    return model
+
+
+def port_free(port: int) -> bool:
+    """Whether 127.0.0.1:port can be bound now (as a server binds it: TIME_WAIT is no conflict)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

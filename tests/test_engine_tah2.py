@@ -20,20 +20,14 @@ from tah.engine import Engine, EngineConfig, RequestError, SamplingParams
 from tah.mixture import MixtureState
 from tah.testing import tiny_qwen3
 
+from . import helpers
+
 N_NEW = 10
 
 
 def make_tah2(max_depth: int = 2, seed: int = 0, **fields) -> TaHForCausalLM:
-    """A random TaH2 model whose updater norms and decider are far from their init (p far from 0.5)."""
-    model = TaHForCausalLM.from_backbone(tiny_qwen3(), TaHConfig.tah2(max_depth=max_depth, **fields)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in (model.updater, model.decider):
-            for name, p in mod.named_parameters():
-                if name.startswith("norm"):
-                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-        model.decider.score.weight.copy_(0.5 * torch.randn(model.decider.score.weight.shape, generator=g))
-    return model
+    model = helpers.make_tah2(max_depth, seed, torch.float32, **fields)
+    return model.eval()
 
 
 def prompts(n: int, seed: int = 0, lo: int = 2, hi: int = 12) -> list[list[int]]:

@@ -24,6 +24,8 @@ from tah.engine import Engine, EngineConfig, SamplingParams
 from tah.real_model import installed_dir
 from tah.tokenizer import chat_prompt_ids, end_token_ids, load_tokenizer
 
+from .helpers import VENV_BIN, port_free
+
 pytestmark = pytest.mark.real_model
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is the capital of France?", "What is 17 + 25?", "Name a colour of the sky."]
@@ -72,15 +74,13 @@ def test_serve_run_answers_a_chat_request(real_dir, tmp_path):
     """`serve run serve.tah:app model=<dir>` and the official openai client: readable English back."""
     from openai import OpenAI
 
-    from .test_serve_local import BIN, _port_free
-
     port = 8000
-    if not _port_free(port):
+    if not port_free(port):
         pytest.skip(f"port {port} is taken (another `serve run`?)")
     ray_tmp = tempfile.mkdtemp(prefix="tahray", dir="/tmp")
     key = "real-model-key-0123"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=ray_tmp, TAH_API_KEY=key, PATH=f"{BIN}:{env['PATH']}")
+    env.update(RAY_TMPDIR=ray_tmp, TAH_API_KEY=key, PATH=f"{VENV_BIN}:{env['PATH']}")
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(["serve", "run", "serve.tah:app", f"model={real_dir}", "max_model_len=1024"],

@@ -11,9 +11,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -28,20 +26,11 @@ from tah.assets import shipped_tokenizer
 from tah.testing import tiny_qwen3
 from tah.tokenizer import load_tokenizer
 
+from .helpers import VENV_BIN, port_free
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # this venv's serve
 PORT = 8000  # `serve run` with an import path serves on Serve's default port
 KEY = "local-test-key-5f1c"
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _call(path: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict]:
@@ -74,7 +63,7 @@ def _listening(pid: int) -> set[tuple[str, int]]:
 
 
 def test_serve_run_stays_on_loopback_and_wants_the_key(tmp_path):
-    if not _port_free(PORT):
+    if not port_free(PORT):
         pytest.skip(f"port {PORT} is taken (another `serve run`?)")
     tok = load_tokenizer(shipped_tokenizer())
     torch.manual_seed(0)
@@ -85,7 +74,7 @@ def test_serve_run_stays_on_loopback_and_wants_the_key(tmp_path):
     # the logs searched below are this Ray's only. (Short: Ray's socket paths have a length limit.)
     ray_tmp = tempfile.mkdtemp(prefix="tahray", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env.update(RAY_TMPDIR=ray_tmp, TAH_API_KEY=KEY, PATH=f"{BIN}:{env['PATH']}")
+    env.update(RAY_TMPDIR=ray_tmp, TAH_API_KEY=KEY, PATH=f"{VENV_BIN}:{env['PATH']}")
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(["serve", "run", "serve.tah:app", f"model={ckpt}", "max_model_len=256"],

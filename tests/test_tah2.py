@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tah import TaHConfig, TaHForCausalLM
-from tah.testing import random_depths, tiny_qwen3
+from tah.testing import random_depths
 
+from . import helpers
 from .bruteforce import grid_forward
 from .helpers import batch
 
@@ -30,16 +31,8 @@ def assert_logp_close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> Non
 
 
 def make_tah2(max_depth: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32, **fields) -> TaHForCausalLM:
-    model = TaHForCausalLM.from_backbone(tiny_qwen3(dtype=dtype),
-                                         TaHConfig.tah2(max_depth=max_depth, **fields)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # random norm scales and a decider that is far from p = 0.5 everywhere
-        for mod in (model.updater, model.decider):
-            for name, p in mod.named_parameters():
-                if name.startswith("norm"):
-                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-        model.decider.score.weight.copy_(0.5 * torch.randn(model.decider.score.weight.shape, generator=g))
-    return model
+    model = helpers.make_tah2(max_depth, seed, dtype, **fields)
+    return model.eval()
 
 
 # ------------------------------------------------------------------ the spec's formulas, written out

@@ -23,19 +23,12 @@ from tah.testing import tiny_qwen3
 from tah.train.losses import Tah2Objective, cost_weighted_bce, dynamic_pos_weight
 from tah.train.tah2 import JointStep, joint_loss, lookahead_scores
 
+from . import helpers
 from .helpers import batch
 
 
 def make_tah2(max_depth: int = 2, seed: int = 0, dtype: torch.dtype = torch.float64, **fields) -> TaHForCausalLM:
-    """A tiny TaH2 model whose decider is far from p = 0.5, so the routing mixes depths."""
-    model = TaHForCausalLM.from_backbone(tiny_qwen3(dtype=dtype), TaHConfig.tah2(max_depth=max_depth, **fields))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in (model.updater, model.decider):
-            for name, p in mod.named_parameters():
-                if name.startswith("norm"):
-                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-        model.decider.score.weight.copy_(0.5 * torch.randn(model.decider.score.weight.shape, generator=g))
+    model = helpers.make_tah2(max_depth, seed, dtype, **fields)
     return model
 
 
