@@ -7,7 +7,9 @@ model's), ignore_eos, stop_token_ids are accepted as extra body fields. `usage` 
 counts, `iterated_tokens` (completion tokens produced at depth >= 2), `depth_counts` (a list of the
 model's max_depth entries: [d - 1] = completion tokens sampled from the output of exactly depth d, the
 depth where their decider stopped, so it sums to completion_tokens) and `prompt_depth_counts` (the
-prompt's tokens by the depth they ran at prefill, likewise).
+prompt's tokens by the depth they ran at prefill, likewise). For standard clients (lm-eval, vLLM's):
+`prompt` may be a list of prompts, `echo` with `logprobs` scores the prompt's tokens (`max_tokens: 0`:
+scoring only), and TokenizeRequest / DetokenizeRequest are vLLM's /tokenize and /detokenize.
 Every field is bounded (`parse` with the server's `Limits`): a request is refused here, with a 4xx,
 before anything of it reaches the tokenizer or the engine.
 
@@ -174,12 +176,9 @@ class CompletionRequest(_Common):
                            param="max_tokens")
         if self.stream and (len(prompts) > 1 or self.echo):
             raise APIError(400, "stream=true serves one prompt without echo", param="stream")
-        chars = sum(len(p) for p in prompts if isinstance(p, str))
-        if chars > limits.max_prompt_chars * len(prompts):  # checked before the tokenizer sees it
-            raise _too_long(limits, "the prompt", chars)
         for p in prompts:
             if isinstance(p, str):
-                if len(p) > limits.max_prompt_chars:
+                if len(p) > limits.max_prompt_chars:  # checked before the tokenizer sees it
                     raise _too_long(limits, "the prompt", len(p))
             elif len(p) >= limits.max_model_len:
                 raise APIError(400, f"This model's maximum context length is {limits.max_model_len} tokens. "
