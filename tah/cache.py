@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from typing import Callable
+
 import torch
 
 from .attention import INVALID_QUERY_POS, DuoCausalSpec, MixedDecodeSpec
@@ -38,6 +40,24 @@ def visible_depths(depth: int, depth_attention: str) -> tuple[int, int]:
     if depth_attention == "first_self":  # TaH2 "causal": depth-1 keys + the token's own deeper keys
         return 1, depth
     raise ValueError(f"unknown depth_attention {depth_attention!r}")
+
+
+def mixed_visibility(depth_attention: str, d0: torch.Tensor, n_vis: int,
+                     same_position: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """(B, n_vis, 1 or W) bool: which cached depths (0-based) a decode row at 0-based depth d0 (B,) may see,
+    by `visible_depths`' rule; "first_self" adds the row's own deeper keys, where same_position() (B, n_vis,
+    W) says a key sits at the query's position. Shared by TaHCache and the paged engine's batch view."""
+    kd = torch.arange(n_vis, device=d0.device)[None, :]  # (1, n_vis)
+    if depth_attention == "duo_causal":
+        allowed = kd <= d0[:, None]
+    elif depth_attention == "current":
+        allowed = kd == d0[:, None]
+    else:  # "first" (and the depth-1 keys of "first_self")
+        allowed = (kd == 0).expand(d0.shape[0], n_vis)
+    allowed = allowed[:, :, None]
+    if depth_attention == "first_self":  # + the row's own deeper keys (its own position)
+        allowed = allowed | ((kd <= d0[:, None])[:, :, None] & same_position())
+    return allowed
 
 
 def _query_pos(q_pos: torch.Tensor, q_valid: torch.Tensor) -> torch.Tensor:
@@ -261,17 +281,7 @@ class TaHCache:
         n_vis = 1 if bool((depth == 1).all()) else self.max_depth
         w = self.window
         exists = torch.arange(w, device=self.device)[None, None, :] < self.lengths[:n, :n_vis, None]
-        kd = torch.arange(n_vis, device=self.device)[None, :]  # (1, n_vis)
-        if self.depth_attention == "duo_causal":
-            allowed = kd <= d0[:, None]
-        elif self.depth_attention == "current":
-            allowed = kd == d0[:, None]
-        else:  # "first" (and the depth-1 keys of "first_self")
-            allowed = (kd == 0).expand(n, n_vis)
-        allowed = allowed[:, :, None]
-        if self.depth_attention == "first_self":  # + the row's own deeper keys (its own position)
-            same = self.pos[:n, :n_vis, :w] == q_pos[:, None, None]
-            allowed = allowed | ((kd <= d0[:, None])[:, :, None] & same)
+        allowed = mixed_visibility(self.depth_attention, d0, n_vis, lambda: self.pos[:n, :n_vis, :w] == q_pos[:, None, None])
         spec = MixedDecodeSpec(k_valid=exists & allowed, counts=counts)
         return _MixedView(self, r, d0, slot, n_vis, spec)
 

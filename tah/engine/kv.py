@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import DuoCausalSpec, MixedDecodeSpec
-from ..cache import _DepthView, _query_pos, visible_depths
+from ..cache import _DepthView, _query_pos, mixed_visibility, visible_depths
 
 
 class NoFreeBlocks(RuntimeError):
@@ -339,17 +339,8 @@ class PagedBatch:
         w = self._window(rows, 0, n_vis - 1)
         tables = self._tables(rows, 0, n_vis - 1, w)
         exists = torch.arange(w, device=self.device)[None, None, :] < self.lengths[:, :n_vis, None]
-        kd = torch.arange(n_vis, device=self.device)[None, :]
-        if self.depth_attention == "duo_causal":
-            allowed = kd <= d0[:, None]
-        elif self.depth_attention == "current":
-            allowed = kd == d0[:, None]
-        else:  # "first" (and the depth-1 keys of "first_self")
-            allowed = (kd == 0).expand(n, n_vis)
-        allowed = allowed[:, :, None]
-        if self.depth_attention == "first_self":
-            same = self.pool.pos[tables].reshape(n, n_vis, w) == q_pos[:, None, None]
-            allowed = allowed | ((kd <= d0[:, None])[:, :, None] & same)
+        allowed = mixed_visibility(self.depth_attention, d0, n_vis,
+                                   lambda: self.pool.pos[tables].reshape(n, n_vis, w) == q_pos[:, None, None])
         spec = MixedDecodeSpec(k_valid=exists & allowed, counts=counts)
         return _PagedMixedView(self, blk, off, tables, spec)
 
