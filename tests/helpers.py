@@ -53,6 +53,13 @@ def make_tah2(max_depth: int = 2, seed: int = 0, dtype: torch.dtype = torch.floa
     return model
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def port_free(port: int) -> bool:
     """Whether 127.0.0.1:port can be bound now (as a server binds it: TIME_WAIT is no conflict)."""
     with socket.socket() as s:

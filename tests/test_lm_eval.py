@@ -24,7 +24,7 @@ from tah.engine import Engine, EngineConfig, SamplingParams
 from tah.testing import randomize_lora, tiny_qwen3
 from tah.tokenizer import load_tokenizer
 
-from .conftest import _free_port
+from .helpers import free_port
 
 pytestmark = pytest.mark.lm_eval
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def server(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("lmeval") / "model"
     model.save_pretrained(ckpt, tokenizer=tok)
     init_ray(num_cpus=2)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(model=str(ckpt), engine=EngineConfig(max_num_seqs=4, max_model_len=1024), api_key=KEY)
     serve.run(deployment(cfg), name="tah", route_prefix="/")

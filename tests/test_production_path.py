@@ -1,7 +1,10 @@
 """The README's production path, run as its CPU/tiny equivalent: a Ray head started with `ray start
 --head` (the cluster), the Qwen3-1.7B recipe submitted to it with `ray job submit --working-dir . --
 python jobs/experiment.py ...`, scaled down to the shipped base and task, with every artifact on S3 (a moto
-server on 127.0.0.1); then `serve run serve.tah:app model=s3://...` and a REST call against it."""
+server on 127.0.0.1); then `serve run serve.tah:app model=s3://...` and a REST call against it.
+
+Marked `slow` (about 4 min on 2 CPUs, a quarter of the default suite): `make test-slow` runs it.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .conftest import _free_port
-from tah.assets import shipped_task, shipped_tokenizer, shipped_base_model
+import pytest
+
+from tah.assets import shipped_base_model, shipped_task, shipped_tokenizer
+
+from .helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this venv's python, ray and serve
@@ -48,13 +54,13 @@ def ray_head(env: dict[str, str], tmp_path: Path):
     """`ray start --head` on 127.0.0.1 with 2 CPUs; yields the job API address. --block ties the
     head's processes to this one, so stopping it stops exactly this cluster (not `ray stop`, which
     would stop every Ray on the machine)."""
-    dash = _free_port()
+    dash = free_port()
     # Its own temp dir (short: Ray's unix sockets live there): the head writes its address file there,
     # and a later plain `ray.init()` (serve run below) must not find this stopped cluster's address.
     temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     log = tmp_path / "ray-head.log"
     with open(log, "w") as out:  # a file, not a pipe nobody reads while the jobs run
-        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
                                  f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
                                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                                  "--disable-usage-stats"],
@@ -82,6 +88,7 @@ def ray_head(env: dict[str, str], tmp_path: Path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_recipe_to_s3_then_serve_from_s3(s3_server, tmp_path):
     from tah import TaHForCausalLM, storage
 

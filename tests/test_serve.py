@@ -22,7 +22,7 @@ from tah.engine import Engine, EngineConfig, SamplingParams
 from tah.testing import randomize_lora, tiny_qwen3
 from tah.tokenizer import load_tokenizer
 
-from .conftest import _free_port
+from .helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = shipped_tokenizer()
@@ -46,7 +46,7 @@ def server(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("serve") / "model"
     model.save_pretrained(ckpt, tokenizer=tok)
     init_ray(num_cpus=2)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(model=str(ckpt), engine=EngineConfig(max_num_seqs=4, max_model_len=4096), max_ongoing_requests=16,
                       max_queued_requests=32, api_key=KEY, min_request_threshold=MIN_THRESHOLD,

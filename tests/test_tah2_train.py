@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from tah.train.losses import Tah2Objective, cost_weighted_bce, dynamic_pos_weigh
 from tah.train.tah2 import JointStep, joint_loss, lookahead_scores
 
 from . import helpers
-from .helpers import batch
+from .helpers import batch, free_port
 
 
 def make_tah2(max_depth: int = 2, seed: int = 0, dtype: torch.dtype = torch.float64, **fields) -> TaHForCausalLM:
@@ -223,12 +222,6 @@ def test_joint_step_scales_by_global_count_and_every_weight_gets_a_gradient():
 
 
 # ------------------------------------------------------------------ two real workers (gloo)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker_batches():
     """Rank 0's and rank 1's micro-batches (different lengths and padding), and both in one batch."""
     a_ids, a_mask = batch(B=2, T=12, padding="right", seed=31)
@@ -274,7 +267,7 @@ def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
 def test_two_workers_pool_the_threshold_like_one_worker(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_gloo_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
     g = torch.Generator().manual_seed(7)
     parts = [torch.randn(5, generator=g), torch.randn(3, generator=g)]
