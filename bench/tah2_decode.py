@@ -6,6 +6,11 @@ paper's sampling (temperature 0.6, top-p 0.95, top-k 20, seeded). A token that r
 passes, and a step is one pass whose rows each run one depth, so TaH2 tokens/s ÷ Standard tokens/s
 cannot exceed 1 / d̄ (d̄: average depth per generated token); the table prints d̄, that limit, the
 ratio and ratio ÷ limit (the authors: 0.71 at batch 1, 0.74 at batch 4 on an A800 at d̄ ~1.44).
+That limit counts backbone passes only. TaH2 also runs its decider after every depth-1 pass and its
+input updater before every deeper pass -- weights the Standard model does not have (on the small model
+7.5 % and 6.3 % of the backbone's layer + head weights, on the medium one 4.7 % and 3.9 %). Where a step
+costs its weight FLOPs/bytes, the ratio can then reach at most 1 / (d̄ (1 + x)), x = those weights per
+row-pass over the backbone's (measured from the run's depth counts): the column "weights limit".
 
 Measured: pure decode with every slot busy. `batch` requests are admitted together (one prefill step,
 not timed); tokens are counted over the following steps until the first request finishes (every row
@@ -135,8 +140,9 @@ def main() -> None:
     print(f"# TaH2 M=2 engine decode vs Standard, device {dev} ({torch.get_num_threads()} threads), {dtype}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, temperature {args.temperature}, "
           f"target share at depth 2 {args.share}")
-    print("| model | batch | Standard tok/s | TaH2 tok/s | share depth 2 | d̄ | limit 1/d̄ | ratio | ratio ÷ limit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | batch | Standard tok/s | TaH2 tok/s | share depth 2 | d̄ | limit 1/d̄ | ratio | ratio ÷ limit "
+          "| weights limit | ratio ÷ weights limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         tah2, std = build(size, dev, dtype)
         vocab = DIMS[size]["vocab_size"]
@@ -172,27 +178,55 @@ def main() -> None:
             n, dsum, _ = info["tah2"]  # (the same tokens and depths in every repeat: seeded)
             dbar = dsum / max(n, 1)
             limit = 1 / dbar
+            # row-passes: n at depth 1 (each followed by the decider at M = 2), dsum - n deeper (updater first)
+            x = (n * params(tah2.decider) + (dsum - n) * params(tah2.updater)) / (dsum * backbone_params(tah2))
+            wlimit = limit / (1 + x)
             print(f"| {size} | {B} | {tps['standard']:.0f} | {tps['tah2']:.0f} | {dbar - 1:.3f} | {dbar:.3f} | "
-                  f"{limit:.3f} | {ratio:.3f} | {ratio / limit:.3f} |", flush=True)
+                  f"{limit:.3f} | {ratio:.3f} | {ratio / limit:.3f} | {wlimit:.3f} | {ratio / wlimit:.3f} |",
+                  flush=True)
             if args.profile:
-                profile(tah2_engine(thr), *waves[0], f"{size} batch {B}")
+                profile({"tah2": tah2_engine(thr), "standard": std_engine()}, *waves[0], f"{size} batch {B}")
 
 
-def profile(eng, prompts, params, title: str) -> None:
+def params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def backbone_params(model) -> int:
+    """The weights one row-pass multiplies: the decoder layers and the head (not the embedding lookup)."""
+    from tah import hf_adapter as hf
+
+    return params(hf.decoder_parts(model.backbone).layers) + params(hf.decoder_parts(model.backbone).lm_head)
+
+
+def profile(engines: dict, prompts, params_: list, title: str, steps: int = 16) -> None:
+    """Each engine's self time per op over `steps` decode steps, and TaH2 - Standard per step: the ops
+    that make a TaH2 step cost more than a Standard one."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for p, q in zip(prompts, params):
-        eng.add_request(p, q)
-    for _ in range(4):
-        eng.step()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch_profile(activities=acts) as prof:
-        for _ in range(16):
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    per_op: dict[str, dict[str, float]] = {}
+    for name, eng in engines.items():
+        for p, q in zip(prompts, params_):
+            eng.add_request(p, q)
+        for _ in range(4):
             eng.step()
-    print(f"\n## profile: TaH2 {title}, 16 decode steps\n")
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=18))
+        with torch_profile(activities=acts) as prof:
+            for _ in range(steps):
+                eng.step()
+        for e in prof.key_averages():
+            us = e.self_device_time_total if cuda else e.self_cpu_time_total
+            per_op.setdefault(e.key, {})[name] = us / steps
+    print(f"\n## profile: {title}, {steps} decode steps, self time per step (us)\n")
+    print("| op | TaH2 | Standard | TaH2 - Standard |\n|---|---|---|---|")
+    tot = {k: sum(v.get(k, 0.0) for v in per_op.values()) for k in engines}
+    rows = sorted(per_op.items(), key=lambda kv: -(kv[1].get("tah2", 0) - kv[1].get("standard", 0)))
+    for op, v in rows[:16]:
+        a, b = v.get("tah2", 0.0), v.get("standard", 0.0)
+        print(f"| {op} | {a:.0f} | {b:.0f} | {a - b:+.0f} |")
+    print(f"| (all ops) | {tot['tah2']:.0f} | {tot['standard']:.0f} | {tot['tah2'] - tot['standard']:+.0f} |")
 
 
 if __name__ == "__main__":

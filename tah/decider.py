@@ -64,6 +64,38 @@ class IterationDecider(nn.Module):
         return self.head(self.norm(x)).squeeze(-1)  # (...)
 
 
+def topk_values(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, V) -> (N, k): each row's k largest values, sorted descending -- `torch.topk(x, k).values`
+    exactly (same multiset of values, same order), cheaper on CPU for a wide vocabulary.
+
+    Why: the decider needs the sorted top-k (k = hidden size, e.g. 256 of 8192) every decode step, and
+    CPU `topk` costs a selection over all V values per row. Here a lower bound t on the k-th largest value
+    comes from group maxima (V split into V/c groups of c; at least k groups have their maximum >= t,
+    the k-th largest group maximum, so at least k values are >= t); only the values >= t (typically ~1.4 k)
+    go through the exact `topk`. Rows with NaN (which `topk` ranks first) and small or GPU inputs take
+    `torch.topk` itself: the result is the same either way, only the cost differs."""
+    n, v = x.shape
+    c = 1
+    while v % (2 * c) == 0 and v // (2 * c) >= 2 * k:
+        c *= 2
+    if x.device.type != "cpu" or c < 8 or n * v < (1 << 17):
+        return x.topk(k, dim=-1).values
+    # groups of c values strided V/c apart (any partition bounds the same way; a max over an outer
+    # dimension is an elementwise max of c rows, which vectorises where a max over 16 neighbours does not)
+    m = x.reshape(n, c, v // c).amax(1)  # (N, V/c)
+    if bool(torch.isnan(m).any()):  # amax propagates NaN: then the rule below would not be topk's
+        return x.topk(k, dim=-1).values
+    t = m.kthvalue(m.shape[1] - k + 1, dim=-1, keepdim=True).values  # (N, 1)
+    keep = x >= t  # (N, V), at least k per row
+    counts = keep.sum(-1)  # (N,)
+    vals = x[keep]  # row-major: row 0's candidates first
+    rows = torch.repeat_interleave(torch.arange(n, device=x.device), counts)
+    pos = torch.arange(vals.numel(), device=x.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    buf = x.new_full((n, int(counts.max())), float("-inf"))  # never in a row's top k: it has >= k candidates
+    buf[rows, pos] = vals
+    return buf.topk(k, dim=-1).values
+
+
 class Tah2Decider(nn.Module):
     """TaH2's decider (shared by every depth, no depth input): continuation logit after depth d from
     the token embedding e, the last hidden state h^(d) (after the final norm) and depth d's own logits z_d.
@@ -94,7 +126,8 @@ class Tah2Decider(nn.Module):
         dtype = self.input_proj.weight.dtype
         k = min(self.topk, logits.shape[-1])
         wide = logits if logits.dtype == torch.float64 else logits.float()
-        probs = torch.softmax(wide, dim=-1).topk(k, dim=-1).values.to(dtype)
+        probs = topk_values(torch.softmax(wide, dim=-1).reshape(-1, wide.shape[-1]), k)
+        probs = probs.reshape(*wide.shape[:-1], k).to(dtype)
         if k < self.topk:
             probs = torch.nn.functional.pad(probs, (0, self.topk - k))
         x = torch.cat([self.norm_first(embeds.to(dtype)), self.norm_last(last_hidden.to(dtype)),

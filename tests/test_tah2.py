@@ -236,6 +236,27 @@ def test_decider_pads_topk_when_vocab_is_small():
         assert abs(float(got[n]) - _decider(dm, e[n], h[n], z[n])) <= 1e-6
 
 
+@pytest.mark.parametrize("n,v,k", [(18, 8192, 256), (4, 32768, 1024), (2, 151936, 2048), (1, 8192, 256),
+                                   (40, 4096, 64)])
+def test_decider_topk_values_are_torch_topk(n, v, k):
+    """The decider's cheaper top-k (a bound from group maxima, then topk over the survivors) against
+    torch.topk itself: peaked, flat and tied rows, NaN (topk ranks it first), rows of -inf."""
+    from tah.decider import topk_values
+
+    g = torch.Generator().manual_seed(n + v)
+    cases = [torch.softmax(torch.randn(n, v, generator=g) * s, -1) for s in (0.05, 2.0, 30.0)]
+    cases.append(torch.randint(0, 4, (n, v), generator=g).float())  # heavy ties at the boundary
+    odd = torch.randn(n, v, generator=g)
+    odd[0, 7] = float("nan")
+    odd[-1, :] = float("-inf")
+    odd[-1, v // 3] = 1.0  # a row with one finite value: its top k is mostly -inf
+    cases.append(odd)
+    for x in cases:
+        got, want = topk_values(x, k), x.topk(k, dim=-1).values
+        assert got.shape == want.shape
+        assert torch.equal(got.nan_to_num(9.0), want.nan_to_num(9.0))
+
+
 def test_single_depth_and_logits_at():
     model = make_tah2(2)
     ids, mask = batch(B=3, T=9, padding="left", seed=8)
