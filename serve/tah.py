@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, ClassVar
+from typing import Any, AsyncIterator, Awaitable, Callable, ClassVar
 
 from serve.security import keep_local_ray_on_loopback
 
@@ -353,8 +353,26 @@ class TaHServer:
         except TemplateError as e:  # the chat template refused these messages (e.g. roles out of order)
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
 
-    def _authorize(self, request: Request) -> None:
-        check_api_key(request.headers.get("authorization"), self.api_key_sha256)
+    async def _guarded(self, request: Request, what: str, work: Callable[[], Awaitable[Any]]) -> Any:
+        """Every route's envelope but /health: the API key first (strangers get nothing parsed), then
+        the route's work; a bad request gets its 4xx and our bug a logged 500, both in OpenAI's error
+        shape and both this request's alone."""
+        try:
+            check_api_key(request.headers.get("authorization"), self.api_key_sha256)
+            return await work()
+        except APIError as e:
+            return _error(e)
+        except Exception:
+            log.exception("%s failed", what)
+            return _error(server_error())
+
+    async def _parse(self, request: Request, cls: type, model_required: bool = False):
+        """The body, capped, parsed into `cls` with every field bounded; its model name checked (the
+        tokenizer routes may leave it out, as vLLM's do)."""
+        req = parse(cls, await read_body(request, self.cfg.max_request_bytes), self.limits)
+        if model_required or req.model is not None:
+            self._check_model(req.model)
+        return req
 
     @fastapi_app.get("/health")
     async def health(self) -> dict[str, Any]:
@@ -362,13 +380,11 @@ class TaHServer:
 
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request):
-        try:
-            self._authorize(request)
-        except APIError as e:
-            return _error(e)
-        # No `root`: the checkpoint's path or bucket is the operator's business, not the client's.
-        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": now(),
-                                            "owned_by": "tah", "max_model_len": self.cfg.engine.max_model_len}]}
+        async def work():
+            # No `root`: the checkpoint's path or bucket is the operator's business, not the client's.
+            return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": now(),
+                                                "owned_by": "tah", "max_model_len": self.cfg.engine.max_model_len}]}
+        return await self._guarded(request, "models", work)
 
     @fastapi_app.get("/metrics")
     async def prom(self) -> PlainTextResponse:
@@ -394,69 +410,43 @@ class TaHServer:
     @fastapi_app.post("/tokenize")
     async def tokenize(self, request: Request):
         """vLLM's tokenizer endpoints (lm-eval's `tokenizer_backend=remote` uses them)."""
-        try:
-            self._authorize(request)
-            req = parse(TokenizeRequest, await read_body(request, self.cfg.max_request_bytes), self.limits)
-            if req.model is not None:
-                self._check_model(req.model)
-            ids = (await self._tokenize(req))[0]
+        async def work():
+            ids = (await self._tokenize(await self._parse(request, TokenizeRequest)))[0]
             return {"count": len(ids), "max_model_len": self.cfg.engine.max_model_len, "tokens": ids}
-        except APIError as e:
-            return _error(e)
-        except Exception:
-            log.exception("tokenize failed")
-            return _error(server_error())
+        return await self._guarded(request, "tokenize", work)
 
     @fastapi_app.post("/detokenize")
     async def detokenize(self, request: Request):
-        try:
-            self._authorize(request)
-            req = parse(DetokenizeRequest, await read_body(request, self.cfg.max_request_bytes), self.limits)
-            if req.model is not None:
-                self._check_model(req.model)
-            text = await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, self.tokenizer.decode, req.tokens)
-            return {"prompt": text}
-        except APIError as e:
-            return _error(e)
-        except Exception:
-            log.exception("detokenize failed")
-            return _error(server_error())
+        async def work():
+            req = await self._parse(request, DetokenizeRequest)
+            loop = asyncio.get_running_loop()
+            return {"prompt": await loop.run_in_executor(self.tokenize_pool, self.tokenizer.decode, req.tokens)}
+        return await self._guarded(request, "detokenize", work)
 
     @fastapi_app.get("/tokenizer_info")
     async def tokenizer_info(self, request: Request):
-        try:
-            self._authorize(request)
-        except APIError as e:
-            return _error(e)
-        t = self.tokenizer
-        return {"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "bos_token": t.bos_token,
-                "pad_token": t.pad_token, "chat_template": t.chat_template,
-                "model_max_length": self.cfg.engine.max_model_len}
+        async def work():
+            t = self.tokenizer
+            return {"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "bos_token": t.bos_token,
+                    "pad_token": t.pad_token, "chat_template": t.chat_template,
+                    "model_max_length": self.cfg.engine.max_model_len}
+        return await self._guarded(request, "tokenizer_info", work)
 
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._handle(request, CompletionRequest)
+        return await self._guarded(request, "completion", lambda: self._handle(request, CompletionRequest))
 
     @fastapi_app.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        return await self._handle(request, ChatRequest)
+        return await self._guarded(request, "chat completion", lambda: self._handle(request, ChatRequest))
 
     async def _handle(self, request: Request, cls: type):
-        """Auth, body cap, parse, tokenize, generate: every failure is this request's alone, in
-        OpenAI's error shape."""
-        try:
-            self._authorize(request)  # before reading the body: strangers get nothing parsed
-            req = parse(cls, await read_body(request, self.cfg.max_request_bytes), self.limits)
-            self._check_model(req.model)
-            chat = cls is ChatRequest
-            if chat and req.max_completion_tokens is not None:
-                req.max_tokens = req.max_completion_tokens
-            return await self._serve(req, await self._tokenize(req), chat=chat)
-        except APIError as e:
-            return _error(e)
-        except Exception:
-            log.exception("request failed")
-            return _error(server_error())
+        """Parse, tokenize, generate (inside `_guarded`)."""
+        req = await self._parse(request, cls, model_required=True)
+        chat = cls is ChatRequest
+        if chat and req.max_completion_tokens is not None:
+            req.max_tokens = req.max_completion_tokens
+        return await self._serve(req, await self._tokenize(req), chat=chat)
 
     async def _serve(self, req, prompts: list[list[int]], chat: bool):
         stops = req.stops()
