@@ -396,7 +396,7 @@ def main() -> None:
                   f"{args.new_tokens} new tokens, {len(pool)} prompts run B at a time, threshold {thr:.6g} "
                   f"(calibrated for {args.share:.0%} of generated tokens: {got:.1%}), tok/s median of {args.repeats} rounds")
             print("# patched in their code at run time: " + ("; ".join(info["patched"]) or "nothing"))
-            print("| batch | TaH engine tok/s | authors' generate tok/s | engine ÷ authors | share depth 2 (engine / "
+            print("| batch | TaH engine tok/s (range) | authors' generate tok/s (range) | engine ÷ authors | share depth 2 (engine / "
                   "authors) | tokens differing | depths differing |")
             print("|---|---|---|---|---|---|---|")
             failed = False
@@ -418,7 +418,8 @@ def main() -> None:
                     for side in rates:
                         rates[side].append(len(pool) * args.new_tokens / run(side)["seconds"])
                 o, th = statistics.median(rates["ours"]), statistics.median(rates["theirs"])
-                print(f"| {B} | {o:.0f} | {th:.0f} | {o / th:.2f} | {share[0]:.3f} / {share[1]:.3f} | {diff} of {n} | "
+                span = {k: f"{min(v):.0f}-{max(v):.0f}" for k, v in rates.items()}  # the spread shows the noise
+                print(f"| {B} | {o:.0f} ({span['ours']}) | {th:.0f} ({span['theirs']}) | {o / th:.2f} | {share[0]:.3f} / {share[1]:.3f} | {diff} of {n} | "
                       f"{ddiff} of {n} |", flush=True)
                 if diff or ddiff:
                     failed = True
