@@ -13,8 +13,9 @@ A benchmark, never part of CI. It
    this project's `Engine.generate` on the same batches (`--new-tokens` per row, EOS ignored). Every
    batch size runs the same `--prompts` prompts, B at a time, so each decodes the same tokens;
 4. checks the greedy tokens, and the depth each token was read at, agree prompt for prompt, and prints
-   a markdown table of tokens/s (median over rounds) and the ratio; it exits 1 if any token or depth
-   differs (after printing everything).
+   a markdown table of tokens/s (median over rounds, with the range) and the ratio, by wall time and by
+   process CPU time (each side runs `--threads` threads, 1 by default: on a shared machine the CPU-time
+   ratio is the steadier one); it exits 1 if any token or depth differs (after printing everything).
 
     PYTHONPATH=. python bench/authors_v1.py --authors-repo /tmp/tah-authors     # small, batch 1 and 8, ~3 min
     PYTHONPATH=. python bench/authors_v1.py --authors-repo /tmp/tah-authors --size medium --batches 8 --new-tokens 64
@@ -287,14 +288,14 @@ for line in sys.stdin:
         hook = model.register_forward_hook(record)
     elif not cmd.get("record_depths") and hook is not None:
         hook.remove(); hook = None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     toks, _ = TaHForCasualLM_generate(model, NoTokenizer(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                                       max_new_tokens=cmd["new_tokens"], do_sample=False, verbose=False)
-    sec = time.perf_counter() - t0
+    sec, cpu = time.perf_counter() - t0, time.process_time() - c0
     # the depth of the position each new token was read from: the prompt's last, then each fed-back token
     d = [[int(x) for x in row] for row in torch.cat([depths[0][:, -1:]] + depths[1:], 1)[:, :cmd["new_tokens"]]] \
         if depths else None
-    print(json.dumps({"tokens": toks, "seconds": sec, "depths": d}), flush=True)
+    print(json.dumps({"tokens": toks, "seconds": sec, "cpu": cpu, "depths": d}), flush=True)
 '''
 
 
@@ -336,12 +337,12 @@ def ours(model, thr: float, prompts: list[list[int]], new_tokens: int) -> dict:
     """A fresh engine (built inside the timing, as their generate builds its cache) on a static batch."""
     from tah.engine import Engine, EngineConfig, SamplingParams
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     eng = Engine(model, EngineConfig(max_num_seqs=len(prompts), max_model_len=len(prompts[0]) + new_tokens,
                                      depth_policy="decider", threshold=thr))
     outs = eng.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-    sec = time.perf_counter() - t0
-    return {"tokens": [o.token_ids for o in outs], "seconds": sec, "depths": [o.depths for o in outs]}
+    sec, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"tokens": [o.token_ids for o in outs], "seconds": sec, "cpu": cpu, "depths": [o.depths for o in outs]}
 
 
 def compare(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, list[int]]:
@@ -396,9 +397,9 @@ def main() -> None:
                   f"{args.new_tokens} new tokens, {len(pool)} prompts run B at a time, threshold {thr:.6g} "
                   f"(calibrated for {args.share:.0%} of generated tokens: {got:.1%}), tok/s median of {args.repeats} rounds")
             print("# patched in their code at run time: " + ("; ".join(info["patched"]) or "nothing"))
-            print("| batch | TaH engine tok/s (range) | authors' generate tok/s (range) | engine ÷ authors | share depth 2 (engine / "
+            print("| batch | TaH engine tok/s (range) | authors' generate tok/s (range) | engine ÷ authors | same, by CPU time | share depth 2 (engine / "
                   "authors) | tokens differing | depths differing |")
-            print("|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|")
             failed = False
             for B in args.batches:
                 chunks = [pool[i:i + B].tolist() for i in range(0, len(pool), B)]  # every prompt, B at a time
@@ -407,6 +408,7 @@ def main() -> None:
                     res = [ours(model, thr, c, args.new_tokens) if side == "ours" else
                            theirs.generate(c, args.new_tokens, record) for c in chunks]
                     return {"tokens": [r for x in res for r in x["tokens"]], "seconds": sum(x["seconds"] for x in res),
+                            "cpu": sum(x["cpu"] for x in res),
                             "depths": [r for x in res for r in x["depths"]] if res[0]["depths"] is not None else None}
 
                 a, t = run("ours"), run("theirs", record=True)  # (also the warm-up)
@@ -414,12 +416,16 @@ def main() -> None:
                 ddiff, _, _ = compare(a["depths"], t["depths"])
                 share = [sum(d >= 2 for row in x["depths"] for d in row) / n for x in (a, t)]
                 rates: dict[str, list[float]] = {"ours": [], "theirs": []}
+                cpu: dict[str, list[float]] = {"ours": [], "theirs": []}  # CPU seconds: less hurt by other load
                 for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
                     for side in rates:
-                        rates[side].append(len(pool) * args.new_tokens / run(side)["seconds"])
+                        r = run(side)
+                        rates[side].append(len(pool) * args.new_tokens / r["seconds"])
+                        cpu[side].append(r["cpu"])
                 o, th = statistics.median(rates["ours"]), statistics.median(rates["theirs"])
+                cpu_ratio = statistics.median(cpu["theirs"]) / statistics.median(cpu["ours"])
                 span = {k: f"{min(v):.0f}-{max(v):.0f}" for k, v in rates.items()}  # the spread shows the noise
-                print(f"| {B} | {o:.0f} ({span['ours']}) | {th:.0f} ({span['theirs']}) | {o / th:.2f} | {share[0]:.3f} / {share[1]:.3f} | {diff} of {n} | "
+                print(f"| {B} | {o:.0f} ({span['ours']}) | {th:.0f} ({span['theirs']}) | {o / th:.2f} | {cpu_ratio:.2f} | {share[0]:.3f} / {share[1]:.3f} | {diff} of {n} | "
                       f"{ddiff} of {n} |", flush=True)
                 if diff or ddiff:
                     failed = True
