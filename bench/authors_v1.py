@@ -389,7 +389,7 @@ def main() -> None:
         theirs = Authors(python, repo, ckpt, args.threads, Path(tmp))
         try:
             info = theirs.info
-            if abs(info["threshold"] - thr) > 0:
+            if info["threshold"] != thr:  # both fp32 values: any difference would change routing
                 raise SystemExit(f"error: their decider threshold is {info['threshold']}, ours {thr}")
             print(f"# TaH engine vs the authors' v1 generate ({repo.name} @ {commit}; their venv: torch {info['torch']}, "
                   f"transformers {info['transformers']}, peft {info['peft']}), {args.size} random Qwen3 "
