@@ -49,7 +49,7 @@ def test_too_small_pool_preempts_and_every_request_gets_its_alone_tokens(sampled
     assert sum(o.stats.iterated_tokens for o in outs) > 0
 
 
-@pytest.mark.parametrize("deep_block_size", [None, 1])
+@pytest.mark.parametrize("deep_block_size", [4, 1])
 def test_tah2_preempted_mid_token_equals_alone(deep_block_size):
     """TaH2 (M = 3): rows are preempted while mid-token (their mixture is dropped and recomputed); deep
     blocks as large as the pool's (4) and of 1 token (pool blocks split 4 ways)."""
@@ -378,3 +378,32 @@ def test_scheduler_reserves_deep_blocks_in_deep_units():
     assert [r.rid for r in plan.prefill] == ["c"]
     s.finish(c)
     assert pool.num_used == 0 and not s.has_work()
+
+
+def test_block_pool_random_churn_never_hands_out_a_slot_twice():
+    """Random allocate / free of both kinds: the slots held (depth-1 blocks' and deep blocks') never
+    overlap, the counts match a plain tally, and every block comes back."""
+    pool = BlockPool(6, 8, 1, 1, 2, torch.float32, "cpu", deep_block_size=2)
+    g = torch.Generator().manual_seed(0)
+    big, deep = [], []
+    for _ in range(600):
+        op = int(torch.randint(4, (1,), generator=g))
+        n = int(torch.randint(1, 4, (1,), generator=g))
+        try:
+            if op == 0:
+                big += pool.allocate(n)
+            elif op == 1:
+                deep += pool.allocate_deep(n)
+        except NoFreeBlocks:
+            assert not pool.fits(n if op == 0 else 0, n if op == 1 else 0)
+        if op == 2 and big:
+            pool.free([big.pop(int(torch.randint(len(big), (1,), generator=g)))])
+        if op == 3 and deep:
+            pool.free_deep([deep.pop(int(torch.randint(len(deep), (1,), generator=g)))])
+        slots = [b * 8 + j for b in big for j in range(8)] + [s * 2 + j for s in deep for j in range(2)]
+        assert len(slots) == len(set(slots))
+        assert pool.num_used == len(big) + len({s // 4 for s in deep}) == len(big) + pool.num_split
+        assert pool.num_deep_used == len(deep) and pool.num_deep_free == 4 * pool.num_split - len(deep)
+    pool.free(big)
+    pool.free_deep(deep)
+    assert pool.num_free == 6 and pool.num_split == pool.num_deep_free == 0

@@ -55,7 +55,6 @@ from .runner import ModelRunner
 from .scheduler import Request, Scheduler
 
 DepthPolicy = Literal["decider", "standard", "always_think"]
-DEFAULT_DEEP_BLOCK_SIZE = 4  # the deeper depths' block size when block_size allows it (EngineConfig)
 DEPTH_POLICIES = typing.get_args(DepthPolicy)
 log = logging.getLogger(__name__)
 
@@ -76,10 +75,10 @@ class EngineConfig:
     """Decider threshold; None = the checkpoint's."""
     block_size: int = 16
     """Tokens per KV block (depth-1 tables, prefix caching)."""
-    deep_block_size: int | None = None
+    deep_block_size: int = 1
     """Tokens per block of the deeper depths' tables, a divisor of block_size (pool blocks are split into
-    such blocks on demand). None: gcd(block_size, 4) -- 4 for the default 16 (bench/engine_v2.py --only kv
-    measured 1, 2, 4, 8, 16)."""
+    such blocks on demand). 1 by measurement (bench/engine_v2.py --only kv, 1 / 2 / 4 / 16): the fewest
+    bytes held, and decode as fast as with 4 or 16 on CPU."""
     num_kv_blocks: int | None = None
     """KV blocks in the pool (per layer). None: max_num_seqs x ceil(max_model_len / block_size) x
     min(max_depth, 2) -- the Standard reservation, doubled for a model that iterates."""
@@ -93,7 +92,7 @@ class EngineConfig:
         check_choices(self)
         if self.max_num_seqs < 1 or self.max_model_len < 2 or self.max_prefill_tokens < 1 or self.block_size < 1:
             raise ValueError(f"bad engine sizes: {self}")
-        if self.deep_block_size is not None and (self.deep_block_size < 1 or self.block_size % self.deep_block_size):
+        if self.deep_block_size < 1 or self.block_size % self.deep_block_size:
             raise ValueError(f"deep_block_size must be a divisor of block_size {self.block_size}, "
                              f"got {self.deep_block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -124,8 +123,8 @@ class Engine:
         n_blocks = cfg.num_kv_blocks or (cfg.max_num_seqs * math.ceil(cfg.max_model_len / cfg.block_size)
                                          * min(self.max_depth, 2))
         hkv, hd = hf.kv_shape(model.backbone.config)
-        dbs = cfg.deep_block_size or math.gcd(cfg.block_size, DEFAULT_DEEP_BLOCK_SIZE)
-        self.pool = BlockPool(n_blocks, cfg.block_size, model.num_layers, hkv, hd, w.dtype, self.device, dbs)
+        self.pool = BlockPool(n_blocks, cfg.block_size, model.num_layers, hkv, hd, w.dtype, self.device,
+                              cfg.deep_block_size)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_prefill_tokens, cfg.deep_reserve,
                                    cfg.enable_prefix_caching)
         self.runner = ModelRunner(model, self.pool, cfg.max_num_seqs, cfg.depth_policy)

@@ -40,6 +40,7 @@ policy, which are part of the hash). They are small (the iterated share of a blo
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -100,6 +101,7 @@ class BlockPool:
         self._cached: dict[bytes, int] = {}  # hash -> block
         self._hash_of: dict[int, bytes] = {}
         self._deep_free: set[int] = set()  # deep blocks free inside split pool blocks
+        self._deep_heap: list[int] = []  # the same ids (and stale ones, skipped): the lowest free in O(log n)
         self._deep_held: set[int] = set()
         self._split_held: dict[int, int] = {}  # split pool block -> how many of its deep blocks are held
         self.payload: dict[bytes, DeepPayload] = {}
@@ -189,8 +191,13 @@ class BlockPool:
             if not self._deep_free:
                 (b,) = self.allocate(1)
                 self._split_held[b] = 0
-                self._deep_free.update(range(b * self.split, (b + 1) * self.split))
-            s = min(self._deep_free)  # the lowest: fills split blocks one after another
+                ids = range(b * self.split, (b + 1) * self.split)
+                self._deep_free.update(ids)
+                for s in ids:
+                    heapq.heappush(self._deep_heap, s)
+            s = heapq.heappop(self._deep_heap)  # the lowest: fills split blocks one after another
+            while s not in self._deep_free:  # stale: its split block went back to the pool
+                s = heapq.heappop(self._deep_heap)
             self._deep_free.remove(s)
             self._deep_held.add(s)
             self._split_held[s // self.split] += 1
@@ -204,12 +211,15 @@ class BlockPool:
                 raise RuntimeError(f"deep KV block {s} freed twice")
             self._deep_held.remove(s)
             self._deep_free.add(s)
+            heapq.heappush(self._deep_heap, s)
             b = s // self.split
             self._split_held[b] -= 1
             if self._split_held[b] == 0:
                 del self._split_held[b]
                 self._deep_free.difference_update(range(b * self.split, (b + 1) * self.split))
                 self.free([b])
+                if len(self._deep_heap) > 2 * len(self._deep_free) + 2 * self.split:  # drop stale ids
+                    self._deep_heap = sorted(self._deep_free)
 
     # ------------------------------------------------------------------ prefix cache
     def lookup(self, hashes: list[bytes]) -> list[int]:
@@ -371,16 +381,19 @@ class PagedBatch:
     def _tables(self, rows: list[int], lo: int, hi: int, width: int, unit: int) -> torch.Tensor:
         """(len(rows), hi - lo + 1, width // unit) ids of `unit`-slot blocks of depths lo..hi (0-based),
         padded with 0."""
-        nb, k = width // unit, self.bs // unit
-        out = torch.zeros(len(rows), hi - lo + 1, nb, dtype=torch.long)
-        for j, i in enumerate(rows):
-            for d in range(lo, hi + 1):
-                t = self.seqs[i].tables[d]
-                if d == 0 and k > 1:  # a pool block b is deep-sized pieces b * k .. b * k + k - 1
-                    t = [b * k + p for b in t[:-(-nb // k)] for p in range(k)]
-                t = t[:nb]
-                if t:
-                    out[j, d - lo, :len(t)] = torch.tensor(t, dtype=torch.long)
+        nb, R = width // unit, len(rows)
+        out = torch.zeros(R, hi - lo + 1, nb, dtype=torch.long)
+        for d in range(lo, hi + 1):
+            k = self.pool.unit(d) // unit  # pieces per block: > 1 for depth 1 in a deep-unit window
+            nbd = -(-nb // k)
+            t = torch.zeros(R, nbd, dtype=torch.long)
+            for j, i in enumerate(rows):
+                ids = self.seqs[i].tables[d][:nbd]
+                if ids:
+                    t[j, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            if k > 1:  # pool block b is deep-sized pieces b * k .. b * k + k - 1
+                t = (t[:, :, None] * k + torch.arange(k)).reshape(R, nbd * k)[:, :nb]
+            out[:, d - lo] = t
         return out.to(self.device)
 
     def _window(self, rows: list[int], lo: int, hi: int, unit: int) -> int:
