@@ -141,9 +141,13 @@ class _Metrics:
         self.requests = Counter("tah_requests", "Finished requests", ["finish_reason"], registry=r)
         # The engine's KV pool and scheduler, under vLLM's names where it has one (gauges set from
         # Engine.stats() at scrape time; its counters are cumulative, exported as gauges of the total).
-        self.kv_usage = Gauge("tah_kv_cache_usage_perc", "KV-cache usage: share of KV blocks held (1 = full)",
-                              registry=r)
-        self.kv_blocks = Gauge("tah_kv_cache_blocks", "KV blocks by state", ["state"], registry=r)
+        self.kv_usage = Gauge("tah_kv_cache_usage_perc", "KV-cache usage: share of KV blocks held, a block split "
+                              "into deep blocks counted in full (1 = full)", registry=r)
+        self.kv_blocks = Gauge("tah_kv_cache_blocks", "KV blocks by state (split: held as deep blocks)", ["state"],
+                               registry=r)
+        self.kv_deep_blocks = Gauge("tah_kv_cache_deep_blocks", "Deeper depths' blocks (deep_block_size tokens, "
+                                    "carved from split KV blocks) by state: used by requests, free in split blocks",
+                                    ["state"], registry=r)
         self.prefix_queries = Gauge("tah_prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
                                     "(cumulative)", registry=r)
         self.prefix_hits = Gauge("tah_prefix_cache_hits", "Prompt tokens served from the prefix cache (cumulative)",
@@ -398,6 +402,9 @@ class TaHServer:
         m.kv_usage.set(st["kv_cache_usage_perc"])
         m.kv_blocks.labels(state="used").set(st["kv_blocks_used"])
         m.kv_blocks.labels(state="total").set(st["kv_blocks_total"])
+        m.kv_blocks.labels(state="split").set(st["kv_blocks_split"])
+        m.kv_deep_blocks.labels(state="used").set(st["kv_deep_blocks_used"])
+        m.kv_deep_blocks.labels(state="free").set(st["kv_deep_blocks_free"])
         m.prefix_queries.set(st["prefix_cache_queries"])
         m.prefix_hits.set(st["prefix_cache_hits"])
         m.preemptions.set(st["num_preemptions"])

@@ -16,7 +16,7 @@ import torch
 
 from tah.engine import (BlockPool, Engine, EngineConfig, OutputProcessor, Request, RequestError, RequestStats,
                         SamplingParams, Scheduler, SeqKV, TokenEvent)
-from tah.engine.kv import NoFreeBlocks
+from tah.engine.kv import DeepPayload, NoFreeBlocks
 
 from .helpers import make
 from .test_engine import _model_with_mixed_depths, _prompts
@@ -49,13 +49,15 @@ def test_too_small_pool_preempts_and_every_request_gets_its_alone_tokens(sampled
     assert sum(o.stats.iterated_tokens for o in outs) > 0
 
 
-def test_tah2_preempted_mid_token_equals_alone():
-    """TaH2 (M = 3): rows are preempted while mid-token (their mixture is dropped and recomputed)."""
+@pytest.mark.parametrize("deep_block_size", [4, 1])
+def test_tah2_preempted_mid_token_equals_alone(deep_block_size):
+    """TaH2 (M = 3): rows are preempted while mid-token (their mixture is dropped and recomputed); deep
+    blocks as large as the pool's (4) and of 1 token (pool blocks split 4 ways)."""
     model = make_tah2(3)
     thr = median_threshold(model)
     # 20 blocks of 4: each request fits alone even with every token at depth 3 (<= 19 x 3 entries).
     cfg = EngineConfig(max_num_seqs=4, max_model_len=40, threshold=thr, block_size=4, num_kv_blocks=20,
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, deep_block_size=deep_block_size)
     prompts = _prompts(4, seed=12, lo=5, hi=10)
     params = [SamplingParams(max_tokens=10, temperature=0.8, seed=3 + i) for i in range(4)]
     eng = Engine(model, cfg)
@@ -211,7 +213,7 @@ def test_scheduler_admission_reserves_deeper_blocks_and_refuses_what_cannot_fit(
 
 def test_block_pool_prefix_cache_lru_and_refcounts():
     pool = BlockPool(4, 2, 1, 1, 2, torch.float32, "cpu")
-    from tah.engine.kv import DeepPayload, chain_hashes
+    from tah.engine.kv import chain_hashes
     h = chain_hashes([1, 2, 3, 4], 2, 2, "s")
     assert h == chain_hashes([1, 2, 3, 4, 9], 2, 2, "s") and h[0] != chain_hashes([1, 2], 2, 1, "t")[0]
     b = pool.allocate(2)
@@ -246,3 +248,162 @@ def test_output_processor_stops_lengths_and_logprobs():
     assert math.isclose(events[2].logprob, float(want[6]), rel_tol=1e-6)
     assert [t for t, _ in events[2].top_logprobs] == [6, 1] and not failed
     assert r_stop.stats.depth_counts == {2: 1} and r_len.stats.generated_tokens == 1
+
+
+# ---------------------------------------------------------------------- deep blocks (deep_block_size)
+@pytest.mark.parametrize("dbs", [1, 4, 16])
+@pytest.mark.parametrize("tah2", [False, True])
+def test_deep_blocks_hold_exactly_the_tokens_that_ran_each_depth(tah2, dbs):
+    """Pool blocks of 16, deep blocks of 1, 4 and 16 tokens, four requests (two join later): greedy
+    tokens and depths equal the reference generate; after every step each running request between
+    tokens holds at depth d exactly the positions of the tokens that ran depth d (by the reference's
+    depths) in ceil(n / dbs) deep blocks; the pool's counts of both kinds equal what the tables hold;
+    nothing is held at the end."""
+    if tah2:
+        model = make_tah2(4)
+        thr = median_threshold(model)
+    else:
+        model, thr = _model_with_mixed_depths()
+    M, n_new, bs = model.config.max_depth, 12, 16
+    ps = _prompts(4, seed=21, lo=5, hi=30)
+    refs = [model.generate(torch.tensor([p]), max_new_tokens=n_new, threshold=thr) for p in ps]
+    eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, block_size=bs,
+                                     deep_block_size=dbs, enable_prefix_caching=False))
+    pool, k = eng.pool, bs // dbs
+    sp = SamplingParams(max_tokens=n_new, temperature=0.0)
+    reqs, deepest = {}, 0
+    for step in range(200):
+        for i in {0: [0, 1], 3: [2, 3]}.get(step, []):
+            eng.add_request(ps[i], sp, request_id=str(i))
+            reqs[i] = eng.waiting[-1]
+        eng.step()
+        for r in eng.running:
+            ref = refs[int(r.rid)]
+            fed = ref.prompt_depths[0].tolist() + ref.depths[0].tolist()[:len(r.output) - 1]  # depth each fed token ran
+            if r.next_depth == 1:  # between tokens: every fed token has run all its depths
+                assert r.kv.lengths[0] == len(fed) and len(r.kv.tables[0]) == math.ceil(len(fed) / bs)
+                for d in range(2, M + 1):
+                    want = [t for t, dt in enumerate(fed) if dt >= d]
+                    n, table = r.kv.lengths[d - 1], r.kv.tables[d - 1]
+                    assert n == len(want) and len(table) == math.ceil(n / dbs)
+                    # deep block s is pool block s // k, slots (s % k) * dbs ..; entry j is in table[j // dbs]
+                    got = [int(pool.pos[table[j // dbs] // k, (table[j // dbs] % k) * dbs + j % dbs]) for j in range(n)]
+                    assert got == want
+                    deepest = max(deepest, n)
+        held_deep = sum(len(r.kv.deep_blocks()) for r in eng.running)
+        assert pool.num_deep_used == held_deep == eng.stats()["kv_deep_blocks_used"]
+        assert pool.num_used == sum(len(r.kv.tables[0]) for r in eng.running) + pool.num_split
+        assert pool.num_deep_free == pool.num_split * k - held_deep >= 0
+        if step > 3 and not eng.has_work():
+            break
+    for i, r in reqs.items():
+        assert r.output == refs[i].sequences[0, len(ps[i]):].tolist()
+        assert r.depths[1:] == refs[i].depths[0, :n_new - 1].tolist()
+    assert deepest > 0
+    st = eng.stats()
+    assert (pool.num_used, pool.num_split, pool.num_deep_used, pool.num_deep_free) == (0, 0, 0, 0)
+    assert st["kv_blocks_used"] == st["kv_deep_blocks_used"] == st["kv_blocks_split"] == 0
+
+
+def test_block_pool_deep_blocks_split_return_and_address_the_same_memory():
+    pool = BlockPool(4, 8, 2, 1, 2, torch.float32, "cpu", deep_block_size=2)  # 4 deep blocks per pool block
+    cached = pool.allocate(1)
+    pool.register(cached[0], b"h", DeepPayload())
+    pool.free(cached)  # free but cached: the last to be split
+    a = pool.allocate_deep(1)
+    assert pool.num_used == 1 and pool.num_split == 1 and pool.num_deep_free == 3 and pool.num_deep_used == 1
+    b = pool.allocate_deep(4)  # 3 from the split block, then a second one is split
+    assert pool.num_used == 2 and pool.num_deep_free == 3 and len(set(a + b)) == 5
+    assert pool.blocks_needed(1, 3) == 1 and pool.blocks_needed(1, 4) == 2 and pool.blocks_needed(0, 8) == 2
+    assert pool.fits(2, 3) and not pool.fits(2, 4)
+    d1 = pool.allocate(1)
+    pool.allocate_deep(4)  # 3 free deep blocks, then the cached block is evicted and split
+    assert pool.lookup([b"h"]) == [] and pool.num_free == 0 and pool.num_deep_free == 3
+    with pytest.raises(NoFreeBlocks):
+        pool.allocate_deep(4)
+    # Both kinds address one memory: deep block s, slot j is pool block s // 4, slot (s % 4) * 2 + j.
+    x = torch.randn(2, 1, 2)  # (slots, Hkv, D)
+    s = b[-1]
+    slots = torch.tensor([s * 2, s * 2 + 1])
+    pool.write(1, slots, x, -x)
+    assert torch.equal(pool.k[1][s // 4, (s % 4) * 2:(s % 4) * 2 + 2], x)
+    assert torch.equal(pool.v[1][s // 4, (s % 4) * 2:(s % 4) * 2 + 2], -x)
+    g = pool.gather(1, torch.tensor([[[s]]]), "k", 2)  # (1, Hkv, 1, 2, D)
+    assert torch.equal(g[0, :, 0], x.transpose(0, 1))
+    y = torch.randn(8, 1, 2)
+    pool.write(0, torch.arange(8) + d1[0] * 8, y, y)
+    whole = pool.gather(0, torch.tensor([[d1]]), "k", 8)
+    pieces = pool.gather(0, torch.tensor([[[d1[0] * 4 + p for p in range(4)]]]), "k", 2)
+    assert torch.equal(whole, pieces) and torch.equal(whole[0, :, 0], y.transpose(0, 1))
+    # A split block goes back to the pool when its last deep block is freed, not before.
+    first = [x for x in a + b if x // 4 == a[0] // 4]
+    pool.free_deep(first[:-1])
+    assert pool.num_free == 0
+    pool.free_deep(first[-1:])
+    assert pool.num_free == 1 and pool.num_split == 2
+    with pytest.raises(RuntimeError, match="freed twice"):
+        pool.free_deep(first[-1:])
+    with pytest.raises(ValueError, match="divisor"):
+        BlockPool(4, 8, 1, 1, 2, torch.float32, "cpu", deep_block_size=3)
+    with pytest.raises(ValueError, match="divisor"):
+        EngineConfig(block_size=16, deep_block_size=6)
+
+
+def test_scheduler_reserves_deep_blocks_in_deep_units():
+    """Pool of 6 blocks of 4, deep blocks of 1 token (4 per pool block), reserve 0.5 of a prompt per
+    deeper depth: a prompt of 8 needs 2 blocks + 4 deep blocks = 3 pool blocks."""
+    pool = BlockPool(6, 4, 1, 1, 2, torch.float32, "cpu", deep_block_size=1)
+    s = Scheduler(pool, max_num_seqs=4, max_prefill_tokens=64, deep_reserve=0.5, prefix_caching=False)
+    a, b, c = _req("a", 8, 0), _req("b", 8, 1), _req("c", 4, 2)
+    for r in (a, b, c):
+        s.add(r)
+    plan = s.schedule(lambda r: "")
+    # a: 2 + ceil(4 / 4) = 3 <= 6; b: 2 + ceil((4 + 4) / 4) = 4 <= 4 free; c: 1 + ceil(10 / 4) = 4 > 2.
+    assert [r.rid for r in plan.prefill] == ["a", "b"] and pool.num_free == 2
+    a.kv.tables[1] = pool.allocate_deep(3)  # a's prefill wrote 3 deeper entries: one pool block split
+    a.kv.lengths[1] = 3
+    assert pool.num_free == 1 and pool.num_deep_free == 1
+    for r in (a, b):
+        r.kv.lengths[0] = 8
+        r.output.append(1)
+        r.next_depth = 2
+    plan = s.schedule(lambda r: "")  # a's depth-2 token takes the split block's free deep block; b splits one
+    assert {r: len(v) for r, v in plan.allocated_deep.items()} == {"a": 1, "b": 1} and not plan.allocated
+    assert a.kv.tables[1][3] // 4 == a.kv.tables[1][0] // 4 != b.kv.tables[1][0] // 4
+    assert pool.num_free == 0 and pool.num_deep_free == 3 and not plan.prefill and not plan.preempted
+    s.finish(a)
+    s.finish(b)
+    assert pool.num_free == 6 and pool.num_split == 0
+    plan = s.schedule(lambda r: "")
+    assert [r.rid for r in plan.prefill] == ["c"]
+    s.finish(c)
+    assert pool.num_used == 0 and not s.has_work()
+
+
+def test_block_pool_random_churn_never_hands_out_a_slot_twice():
+    """Random allocate / free of both kinds: the slots held (depth-1 blocks' and deep blocks') never
+    overlap, the counts match a plain tally, and every block comes back."""
+    pool = BlockPool(6, 8, 1, 1, 2, torch.float32, "cpu", deep_block_size=2)
+    g = torch.Generator().manual_seed(0)
+    big, deep = [], []
+    for _ in range(600):
+        op = int(torch.randint(4, (1,), generator=g))
+        n = int(torch.randint(1, 4, (1,), generator=g))
+        try:
+            if op == 0:
+                big += pool.allocate(n)
+            elif op == 1:
+                deep += pool.allocate_deep(n)
+        except NoFreeBlocks:
+            assert not pool.fits(n if op == 0 else 0, n if op == 1 else 0)
+        if op == 2 and big:
+            pool.free([big.pop(int(torch.randint(len(big), (1,), generator=g)))])
+        if op == 3 and deep:
+            pool.free_deep([deep.pop(int(torch.randint(len(deep), (1,), generator=g)))])
+        slots = [b * 8 + j for b in big for j in range(8)] + [s * 2 + j for s in deep for j in range(2)]
+        assert len(slots) == len(set(slots))
+        assert pool.num_used == len(big) + len({s // 4 for s in deep}) == len(big) + pool.num_split
+        assert pool.num_deep_used == len(deep) and pool.num_deep_free == 4 * pool.num_split - len(deep)
+    pool.free(big)
+    pool.free_deep(deep)
+    assert pool.num_free == 6 and pool.num_split == pool.num_deep_free == 0

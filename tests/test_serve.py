@@ -306,7 +306,8 @@ def test_client_disconnect_frees_the_slot(server):
                  "tah_prompt_tokens_total", "tah_generation_tokens_total", "tah_iterated_token_share",
                  'tah_generation_tokens_by_depth_total{depth="1"}', 'tah_prompt_tokens_by_depth_total{depth="1"}',
                  "tah_kv_cache_usage_perc", "tah_prefix_cache_queries", "tah_prefix_cache_hits", "tah_num_preemptions",
-                 "tah_deep_reserve_share", 'tah_engine_tokens_by_depth{depth="1"}'):
+                 "tah_deep_reserve_share", 'tah_engine_tokens_by_depth{depth="1"}', 'tah_kv_cache_blocks{state="split"}',
+                 'tah_kv_cache_deep_blocks{state="used"}', 'tah_kv_cache_deep_blocks{state="free"}'):
         assert name in text
 
 

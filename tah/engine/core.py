@@ -14,7 +14,8 @@ Each `step()` runs scheduler -> plan -> runner -> sampler -> output processor, a
    and handles logprobs, stops and stats; finished requests free their blocks at once.
 
 KV memory is a pool of `num_kv_blocks` blocks of `block_size` tokens per layer (kv.py): a request holds
-blocks for the tokens it ran at each depth, not a max_model_len x max_depth reservation. Full depth-1
+blocks for the tokens it ran at each depth, not a max_model_len x max_depth reservation; its deeper
+depths, which hold few tokens, use smaller blocks of `deep_block_size` tokens carved out of pool blocks. Full depth-1
 blocks of prompts stay cached (with the deeper entries the decider wrote for them) and are reused by
 requests that share the prefix.
 
@@ -73,7 +74,11 @@ class EngineConfig:
     threshold: float | None = None
     """Decider threshold; None = the checkpoint's."""
     block_size: int = 16
-    """Tokens per KV block."""
+    """Tokens per KV block (depth-1 tables, prefix caching)."""
+    deep_block_size: int = 1
+    """Tokens per block of the deeper depths' tables, a divisor of block_size (pool blocks are split into
+    such blocks on demand). 1 by measurement (bench/engine_v2.py --only kv, 1 / 2 / 4 / 16): the fewest
+    bytes held, and decode as fast as with 4 or 16 on CPU."""
     num_kv_blocks: int | None = None
     """KV blocks in the pool (per layer). None: max_num_seqs x ceil(max_model_len / block_size) x
     min(max_depth, 2) -- the Standard reservation, doubled for a model that iterates."""
@@ -87,6 +92,9 @@ class EngineConfig:
         check_choices(self)
         if self.max_num_seqs < 1 or self.max_model_len < 2 or self.max_prefill_tokens < 1 or self.block_size < 1:
             raise ValueError(f"bad engine sizes: {self}")
+        if self.deep_block_size < 1 or self.block_size % self.deep_block_size:
+            raise ValueError(f"deep_block_size must be a divisor of block_size {self.block_size}, "
+                             f"got {self.deep_block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.deep_reserve is not None and not 0 <= self.deep_reserve <= 1:
@@ -115,7 +123,8 @@ class Engine:
         n_blocks = cfg.num_kv_blocks or (cfg.max_num_seqs * math.ceil(cfg.max_model_len / cfg.block_size)
                                          * min(self.max_depth, 2))
         hkv, hd = hf.kv_shape(model.backbone.config)
-        self.pool = BlockPool(n_blocks, cfg.block_size, model.num_layers, hkv, hd, w.dtype, self.device)
+        self.pool = BlockPool(n_blocks, cfg.block_size, model.num_layers, hkv, hd, w.dtype, self.device,
+                              cfg.deep_block_size)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_prefill_tokens, cfg.deep_reserve,
                                    cfg.enable_prefix_caching)
         self.runner = ModelRunner(model, self.pool, cfg.max_num_seqs, cfg.depth_policy)
@@ -208,8 +217,12 @@ class Engine:
         """Engine-wide gauges and counters (serve/tah.py exports them on /metrics)."""
         p, s = self.pool, self.scheduler
         ran = s.depth_tokens
+        # kv_blocks_used counts a pool block split into deep blocks in full (depth 1 cannot use it);
+        # kv_deep_blocks_used / _free: deep blocks held by requests / free inside split pool blocks.
         return {"kv_blocks_total": p.num_blocks, "kv_blocks_used": p.num_used,
                 "kv_cache_usage_perc": p.num_used / p.num_blocks, "kv_block_size": p.block_size,
+                "kv_deep_block_size": p.deep_block_size, "kv_blocks_split": p.num_split,
+                "kv_deep_blocks_used": p.num_deep_used, "kv_deep_blocks_free": p.num_deep_free,
                 "kv_bytes_per_block": p.bytes_per_block(), "prefix_cache_queries": p.prefix_queries,
                 "prefix_cache_hits": p.prefix_hits, "prefix_cache_payload_bytes": p.payload_bytes(),
                 "num_preemptions": s.num_preemptions,

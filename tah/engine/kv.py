@@ -1,7 +1,7 @@
 """The engine's paged KV memory: one pool of fixed-size blocks per layer, per-request block tables per
 depth, prefix caching of full depth-1 prompt blocks, and the per-call paged view the model attends through.
 
-- `BlockPool`  per layer K and V of shape (num_blocks, Hkv, block_size, D) plus each slot's position id
+- `BlockPool`  per layer K and V of shape (num_blocks, block_size, Hkv, D) plus each slot's position id
                (num_blocks, block_size); a free list, reference counts, and the prefix cache: full depth-1
                blocks of prompts keyed by a hash of every token up to the block's end (and of what
                decides the deeper depths: cap, threshold, policy), kept after their request ends and
@@ -12,8 +12,20 @@ depth, prefix caching of full depth-1 prompt blocks, and the per-call paged view
 - `PagedBatch` what `TaHForCausalLM.forward` / `decode_step` / `decode_step_mix` take as
                `past_key_values` for one call over some requests: the `TaHCache` protocol (`active`,
                `lengths`, `seen_tokens`, `begin_depth`, `begin_mixed`). New keys are scattered into
-               their blocks; attention reads a per-row key window gathered through the block tables
+               their slots; attention reads a per-row key window gathered through the block tables
                (`gather`: the one place a CUDA paged-attention kernel would replace).
+
+Two block kinds, one memory. Depth-1 tables use blocks of `block_size` tokens; the deeper tables use
+blocks of `deep_block_size` tokens (a divisor of block_size), because a request's deeper depths hold
+few tokens each and a whole block_size block per deeper table (plus each table's partly empty last
+block) would cost more than the entries themselves. A deep block is a slice of a pool block: a pool
+block taken for the deeper depths is split into block_size / deep_block_size deep blocks (a slab),
+handed out one by one to any request's deeper tables, and returned to the free list when its last
+deep block is freed. Both kinds address the same storage: slot s of the flat view (num_blocks *
+block_size, Hkv, D) is pool block s // block_size, or deep block s // deep_block_size, so attention
+gathers either kind (or depth-1 blocks split into deep-sized pieces, for windows that mix depths)
+through one `view`. `num_used` counts a split pool block as used in full (depth 1 cannot have it);
+`num_deep_used` / `num_deep_free` count the deep blocks held and free inside split blocks.
 
 Prefix-cache policy for the deeper depths: a cached depth-1 block carries, by value, the K/V and
 positions of the deeper-depth entries the decider wrote for the block's tokens (`DeepPayload`). A hit
@@ -28,6 +40,7 @@ policy, which are part of the hash). They are small (the iterated share of a blo
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -65,15 +78,20 @@ def chain_hashes(tokens: list[int], block_size: int, n_blocks: int, seed: str) -
 
 
 class BlockPool:
-    """Fixed-size KV blocks for every layer, their allocator and the prefix cache."""
+    """Fixed-size KV blocks for every layer, their allocator (depth-1 blocks, and the deeper depths'
+    smaller blocks carved out of split ones) and the prefix cache."""
 
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, deep_block_size: int | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        dbs = block_size if deep_block_size is None else deep_block_size
+        if dbs < 1 or block_size % dbs:
+            raise ValueError(f"deep_block_size must be a divisor of block_size {block_size}, got {dbs}")
         self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
+        self.deep_block_size, self.split = dbs, block_size // dbs  # deep blocks per split pool block
         self.device = torch.device(device)
-        shape = (num_blocks, num_kv_heads, block_size, head_dim)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)  # slot-major: both block kinds are views
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.pos = torch.zeros(num_blocks, block_size, dtype=torch.long, device=self.device)
@@ -82,6 +100,10 @@ class BlockPool:
         self._evictable: OrderedDict[int, bytes] = OrderedDict()  # free but cached: LRU first
         self._cached: dict[bytes, int] = {}  # hash -> block
         self._hash_of: dict[int, bytes] = {}
+        self._deep_free: set[int] = set()  # deep blocks free inside split pool blocks
+        self._deep_heap: list[int] = []  # the same ids (and stale ones, skipped): the lowest free in O(log n)
+        self._deep_held: set[int] = set()
+        self._split_held: dict[int, int] = {}  # split pool block -> how many of its deep blocks are held
         self.payload: dict[bytes, DeepPayload] = {}
         self.prefix_queries = self.prefix_hits = 0  # in tokens, as vLLM counts them
 
@@ -92,8 +114,36 @@ class BlockPool:
 
     @property
     def num_used(self) -> int:
-        """Blocks held by live requests (cached-but-free blocks count as free: they are evictable)."""
+        """Pool blocks held: by live requests' depth-1 tables, or split for deep blocks (in full: depth 1
+        cannot use a split block's free deep blocks). Cached-but-free blocks count as free (evictable)."""
         return self.num_blocks - self.num_free
+
+    @property
+    def num_deep_used(self) -> int:
+        """Deep blocks (deep_block_size tokens) held by live requests' deeper tables."""
+        return len(self._deep_held)
+
+    @property
+    def num_deep_free(self) -> int:
+        """Deep blocks free inside split pool blocks (the next deep allocations take them first)."""
+        return len(self._deep_free)
+
+    @property
+    def num_split(self) -> int:
+        """Pool blocks split into deep blocks."""
+        return len(self._split_held)
+
+    def unit(self, d0: int) -> int:
+        """Tokens per block of the tables of 0-based depth d0."""
+        return self.block_size if d0 == 0 else self.deep_block_size
+
+    def blocks_needed(self, n: int, n_deep: int) -> int:
+        """Pool blocks that n depth-1 blocks plus n_deep deep blocks would take (exactly as `allocate` and
+        `allocate_deep` take them: deep blocks free in split blocks first)."""
+        return n + max(0, -(-(n_deep - len(self._deep_free)) // self.split))
+
+    def fits(self, n: int, n_deep: int) -> bool:
+        return self.blocks_needed(n, n_deep) <= self.num_free
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -130,6 +180,46 @@ class BlockPool:
                     self._evictable[b] = self._hash_of[b]
                 else:
                     self._free.append(b)
+
+    def allocate_deep(self, n: int) -> list[int]:
+        """n deep blocks (ids in units of deep_block_size slots), splitting free pool blocks as needed."""
+        if not self.fits(0, n):
+            raise NoFreeBlocks(f"{n} deep KV blocks wanted, {len(self._deep_free)} free in split blocks and "
+                               f"{self.num_free} pool blocks free of {self.num_blocks}")
+        out = []
+        for _ in range(n):
+            if not self._deep_free:
+                (b,) = self.allocate(1)
+                self._split_held[b] = 0
+                ids = range(b * self.split, (b + 1) * self.split)
+                self._deep_free.update(ids)
+                for s in ids:
+                    heapq.heappush(self._deep_heap, s)
+            s = heapq.heappop(self._deep_heap)  # the lowest: fills split blocks one after another
+            while s not in self._deep_free:  # stale: its split block went back to the pool
+                s = heapq.heappop(self._deep_heap)
+            self._deep_free.remove(s)
+            self._deep_held.add(s)
+            self._split_held[s // self.split] += 1
+            out.append(s)
+        return out
+
+    def free_deep(self, blocks: list[int]) -> None:
+        """Free deep blocks; a split pool block whose deep blocks are all free goes back to the pool."""
+        for s in blocks:
+            if s not in self._deep_held:
+                raise RuntimeError(f"deep KV block {s} freed twice")
+            self._deep_held.remove(s)
+            self._deep_free.add(s)
+            heapq.heappush(self._deep_heap, s)
+            b = s // self.split
+            self._split_held[b] -= 1
+            if self._split_held[b] == 0:
+                del self._split_held[b]
+                self._deep_free.difference_update(range(b * self.split, (b + 1) * self.split))
+                self.free([b])
+                if len(self._deep_heap) > 2 * len(self._deep_free) + 2 * self.split:  # drop stale ids
+                    self._deep_heap = sorted(self._deep_free)
 
     # ------------------------------------------------------------------ prefix cache
     def lookup(self, hashes: list[bytes]) -> list[int]:
@@ -170,55 +260,65 @@ class BlockPool:
             n = seq.lengths[d0]
             if not n:
                 break
-            blk, off = self.entries(seq.tables[d0], n)
-            pos = self.pos[blk, off]  # (n,) ascending
+            sl = self.slots(seq.tables[d0], self.deep_block_size, 0, n)
+            pos = self.pos.view(-1)[sl]  # (n,) ascending
             sel = ((pos >= lo) & (pos < hi)).nonzero().squeeze(1)
             if not sel.numel():
                 continue
-            b, o = blk[sel], off[sel]
-            out.k[d0 + 1] = torch.stack([k[b, :, o] for k in self.k])  # (L, n_d, Hkv, D)
-            out.v[d0 + 1] = torch.stack([v[b, :, o] for v in self.v])
+            s = sl[sel]
+            out.k[d0 + 1] = torch.stack([self.flat(layer, "k")[s] for layer in range(self.num_layers)])  # (L, n_d, Hkv, D)
+            out.v[d0 + 1] = torch.stack([self.flat(layer, "v")[s] for layer in range(self.num_layers)])
             out.pos[d0 + 1] = pos[sel].clone()
         return out
 
     def restore(self, seq: "SeqKV", payloads: list[DeepPayload]) -> None:
         """Append cached blocks' deeper entries to `seq`'s deeper tables (in position order)."""
+        dbs = self.deep_block_size
         for d in sorted({d for p in payloads for d in p.pos}):
             ks = torch.cat([p.k[d] for p in payloads if d in p.k], dim=1)  # (L, n, Hkv, D)
             vs = torch.cat([p.v[d] for p in payloads if d in p.v], dim=1)
             pos = torch.cat([p.pos[d] for p in payloads if d in p.pos])
             n, table = pos.numel(), seq.tables[d - 1]
             start = seq.lengths[d - 1]
-            need = -(-(start + n) // self.block_size) - len(table)
+            need = -(-(start + n) // dbs) - len(table)
             if need > 0:
-                table += self.allocate(need)
-            blk, off = self.entries(table, start + n)
-            blk, off = blk[start:], off[start:]
+                table += self.allocate_deep(need)
+            sl = self.slots(table, dbs, start, start + n)
             for layer in range(self.num_layers):
-                self.k[layer][blk, :, off] = ks[layer]
-                self.v[layer][blk, :, off] = vs[layer]
-            self.pos[blk, off] = pos
+                self.write(layer, sl, ks[layer], vs[layer])
+            self.pos.view(-1)[sl] = pos
             seq.lengths[d - 1] = start + n
 
     # ------------------------------------------------------------------ reading and writing
-    def gather(self, layer: int, tables: torch.Tensor, store: str = "k") -> torch.Tensor:
-        """(R, n_vis, nb) block ids -> (R, Hkv, n_vis, nb * block_size, D) keys (or values) in slot order.
+    def flat(self, layer: int, store: str) -> torch.Tensor:
+        """K (or V) of one layer by flat slot: (num_blocks * block_size, Hkv, D), a view."""
+        buf = (self.k if store == "k" else self.v)[layer]
+        return buf.view(-1, *buf.shape[2:])
 
-        On CPU a gather per layer; a paged-attention kernel would read through `tables` in place."""
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (N, Hkv, D) into flat slots (N,)."""
+        kf, vf = self.flat(layer, "k"), self.flat(layer, "v")
+        kf[slots] = k.to(kf.dtype)
+        vf[slots] = v.to(vf.dtype)
+
+    def gather(self, layer: int, tables: torch.Tensor, store: str, unit: int) -> torch.Tensor:
+        """(R, n_vis, nb) ids of `unit`-slot blocks -> (R, Hkv, n_vis, nb * unit, D) keys (or values) in
+        slot order. On CPU a gather per layer; a paged-attention kernel would read through `tables` in place."""
         buf = (self.k if store == "k" else self.v)[layer]
         R, n_vis, nb = tables.shape
-        g = buf[tables]  # (R, n_vis, nb, Hkv, bs, D)
-        return g.permute(0, 3, 1, 2, 4, 5).reshape(R, g.shape[3], n_vis, nb * self.block_size, g.shape[-1])
+        g = buf.view(-1, unit, *buf.shape[2:])[tables]  # (R, n_vis, nb, unit, Hkv, D)
+        return g.permute(0, 4, 1, 2, 3, 5).reshape(R, g.shape[4], n_vis, nb * unit, g.shape[-1])
 
-    def entries(self, table: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset) index tensors of a table's first n entries."""
-        i = torch.arange(n, device=self.device)
-        t = torch.tensor(table, dtype=torch.long, device=self.device)
-        return t[i // self.block_size], i % self.block_size
+    def slots(self, table: list[int], unit: int, start: int, stop: int) -> torch.Tensor:
+        """Flat slot ids (stop - start,) of entries start..stop-1 of a table of `unit`-slot blocks."""
+        i = torch.arange(start, stop)
+        t = torch.tensor(table, dtype=torch.long)
+        return (t[i // unit] * unit + i % unit).to(self.device)
 
 
 class SeqKV:
-    """One request's block tables (per depth) and entry counts (per depth)."""
+    """One request's block tables (per depth) and entry counts (per depth). tables[0] holds pool blocks
+    of block_size slots, tables[d0 >= 1] deep blocks of deep_block_size slots (`BlockPool.unit`)."""
 
     def __init__(self, max_depth: int) -> None:
         self.tables: list[list[int]] = [[] for _ in range(max_depth)]
@@ -226,7 +326,11 @@ class SeqKV:
         self.shared = 0  # leading depth-1 blocks taken from the prefix cache (read-only)
 
     def blocks(self) -> list[int]:
+        """Every block id it holds: its depth-1 (pool) blocks, then its deep blocks."""
         return [b for t in self.tables for b in t]
+
+    def deep_blocks(self) -> list[int]:
+        return [b for t in self.tables[1:] for b in t]
 
     def reset(self) -> None:
         for t in self.tables:
@@ -239,11 +343,13 @@ class PagedBatch:
     """One model call's cache over `seqs` (row i = seqs[i]): the TaHCache protocol through block tables.
 
     Writes beyond a row's blocks allocate from the pool (NoFreeBlocks if it is empty); the scheduler
-    allocated every block a decode step needs beforehand, so only a prefill's deeper depths get here."""
+    allocated every block a decode step needs beforehand, so only a prefill's deeper depths get here.
+    A key window over depth 1 alone is gathered in pool blocks; one that includes a deeper depth in
+    deep blocks (depth-1 blocks read as block_size / deep_block_size consecutive deep-sized pieces)."""
 
     def __init__(self, pool: BlockPool, seqs: list[SeqKV], max_depth: int, depth_attention: str) -> None:
         self.pool, self.seqs, self.max_depth, self.depth_attention = pool, seqs, max_depth, depth_attention
-        self.num_layers, self.bs = pool.num_layers, pool.block_size
+        self.num_layers, self.bs, self.dbs = pool.num_layers, pool.block_size, pool.deep_block_size
         self.active = len(seqs)
         self.device = pool.device
         self.lengths = torch.tensor([s.lengths for s in seqs], dtype=torch.long, device=self.device).view(
@@ -253,38 +359,46 @@ class PagedBatch:
     def seen_tokens(self) -> torch.Tensor:
         return self.lengths[:, 0]
 
-    def _round(self, n: int) -> int:
-        return max(1, -(-n // self.bs)) * self.bs
+    def _unit(self, hi: int) -> int:
+        """Gather granularity of a window over 0-based depths ..hi."""
+        return self.bs if hi == 0 else self.dbs
 
-    def _reserve(self, rows: list[int], d0: int, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append counts[j] entries to rows[j]'s depth d0 table; (block, offset) of each, row-major."""
-        blk, off = [], []
+    def _reserve(self, rows: list[int], d0: int, counts: list[int]) -> torch.Tensor:
+        """Append counts[j] entries to rows[j]'s depth d0 table; the flat slot of each, row-major."""
+        unit, out = self.pool.unit(d0), []
         for i, c in zip(rows, counts):
             s = self.seqs[i]
             start, need = s.lengths[d0], s.lengths[d0] + c
-            have = len(s.tables[d0]) * self.bs
+            have = len(s.tables[d0]) * unit
             if need > have:
-                s.tables[d0] += self.pool.allocate(-(-(need - have) // self.bs))
-            for slot in range(start, need):
-                blk.append(s.tables[d0][slot // self.bs])
-                off.append(slot % self.bs)
+                k = -(-(need - have) // unit)
+                s.tables[d0] += self.pool.allocate(k) if d0 == 0 else self.pool.allocate_deep(k)
+            t = s.tables[d0]
+            out += [t[slot // unit] * unit + slot % unit for slot in range(start, need)]
             s.lengths[d0] = need
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        return t(blk), t(off)
+        return torch.tensor(out, dtype=torch.long, device=self.device)
 
-    def _tables(self, rows: list[int], lo: int, hi: int, width: int) -> torch.Tensor:
-        """(len(rows), hi - lo + 1, width // bs) block ids of depths lo..hi (0-based), padded with 0."""
-        nb = width // self.bs
-        out = torch.zeros(len(rows), hi - lo + 1, nb, dtype=torch.long)
-        for j, i in enumerate(rows):
-            for d in range(lo, hi + 1):
-                t = self.seqs[i].tables[d][:nb]
-                if t:
-                    out[j, d - lo, :len(t)] = torch.tensor(t, dtype=torch.long)
+    def _tables(self, rows: list[int], lo: int, hi: int, width: int, unit: int) -> torch.Tensor:
+        """(len(rows), hi - lo + 1, width // unit) ids of `unit`-slot blocks of depths lo..hi (0-based),
+        padded with 0."""
+        nb, R = width // unit, len(rows)
+        out = torch.zeros(R, hi - lo + 1, nb, dtype=torch.long)
+        for d in range(lo, hi + 1):
+            k = self.pool.unit(d) // unit  # pieces per block: > 1 for depth 1 in a deep-unit window
+            nbd = -(-nb // k)
+            t = torch.zeros(R, nbd, dtype=torch.long)
+            for j, i in enumerate(rows):
+                ids = self.seqs[i].tables[d][:nbd]
+                if ids:
+                    t[j, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            if k > 1:  # pool block b is deep-sized pieces b * k .. b * k + k - 1
+                t = (t[:, :, None] * k + torch.arange(k)).reshape(R, nbd * k)[:, :nb]
+            out[:, d - lo] = t
         return out.to(self.device)
 
-    def _window(self, rows: list[int], lo: int, hi: int) -> int:
-        return self._round(max((self.seqs[i].lengths[d] for i in rows for d in range(lo, hi + 1)), default=1))
+    def _window(self, rows: list[int], lo: int, hi: int, unit: int) -> int:
+        n = max((self.seqs[i].lengths[d] for i in rows for d in range(lo, hi + 1)), default=1)
+        return max(1, -(-n // unit)) * unit
 
     # ------------------------------------------------------------------ forward (prefill) calls
     def begin_depth(self, depth: int, rows: torch.Tensor | None, q_pos: torch.Tensor, q_valid: torch.Tensor,
@@ -295,23 +409,24 @@ class PagedBatch:
             raise ValueError(f"depth {depth} outside 1..{self.max_depth} of this cache")
         row_l = list(range(self.active)) if rows is None else rows.tolist()
         n_new = q_valid.sum(1).tolist()
-        blk, off = self._reserve(row_l, depth - 1, n_new)
+        slots = self._reserve(row_l, depth - 1, n_new)
         bi, qi = q_valid.nonzero(as_tuple=True)
-        self.pool.pos[blk, off] = q_pos[bi, qi]
+        self.pool.pos.view(-1)[slots] = q_pos[bi, qi]
         self.lengths[torch.tensor(row_l, dtype=torch.long, device=self.device), depth - 1] += q_valid.sum(1)
         lo, hi = visible_depths(depth, self.depth_attention)
-        n_vis, w = hi - lo + 1, self._window(row_l, lo - 1, hi - 1)
-        tables = self._tables(row_l, lo - 1, hi - 1, w)  # (B_d, n_vis, nb)
+        n_vis, unit = hi - lo + 1, self._unit(hi - 1)
+        w = self._window(row_l, lo - 1, hi - 1, unit)
+        tables = self._tables(row_l, lo - 1, hi - 1, w, unit)  # (B_d, n_vis, w // unit)
         lens = self.lengths[torch.tensor(row_l, dtype=torch.long, device=self.device), lo - 1:hi]  # (B_d, n_vis)
         k_valid = (torch.arange(w, device=self.device)[None, None, :] < lens[:, :, None]).reshape(len(row_l), -1)
-        k_pos = self.pool.pos[tables].reshape(len(row_l), n_vis * w)
+        k_pos = self.pool.pos.view(-1, unit)[tables].reshape(len(row_l), n_vis * w)
         k_self = None
         if self.depth_attention == "first_self" and hi > 1:
             deep = torch.arange(lo, hi + 1, device=self.device)[:, None] > 1
             k_self = deep.expand(n_vis, w).reshape(1, n_vis * w).expand(len(row_l), -1)
         spec = DuoCausalSpec(q_pos=_query_pos(q_pos, q_valid), k_pos=k_pos, k_valid=k_valid, backend=backend,
                              all_keys_precede=single_step, counts=counts, k_self_only=k_self)
-        return _PagedDepthView(self, tables, blk, off, bi, qi, spec)
+        return _PagedDepthView(self, tables, unit, slots, bi, qi, spec)
 
     # ------------------------------------------------------------------ decode calls
     def begin_mixed(self, depth: torch.Tensor, q_pos: torch.Tensor, counts: Counter,
@@ -321,40 +436,36 @@ class PagedBatch:
         depth_l = depth.tolist()
         if any(not 1 <= d <= self.max_depth for d in depth_l):
             raise ValueError(f"depths must be in 1..{self.max_depth}")
-        blk, off = [], []
-        for i, d in enumerate(depth_l):
-            b, o = self._reserve([i], d - 1, [1])
-            blk.append(b)
-            off.append(o)
-        blk, off = torch.cat(blk), torch.cat(off)
-        self.pool.pos[blk, off] = q_pos
+        slots = torch.cat([self._reserve([i], d - 1, [1]) for i, d in enumerate(depth_l)])
+        self.pool.pos.view(-1)[slots] = q_pos
         d0 = depth - 1
         self.lengths[torch.arange(n, device=self.device), d0] += 1
         rows = list(range(n))
         if split_deep and self.depth_attention in ("duo_causal", "first_self"):
             deep = [i for i in rows if depth_l[i] > 1]
             if 0 < len(deep) < n:
-                return self._begin_split(deep, depth_l, q_pos, blk, off, counts)
+                return self._begin_split(deep, depth_l, q_pos, slots, counts)
         n_vis = 1 if self.depth_attention == "first" else max(depth_l)
-        w = self._window(rows, 0, n_vis - 1)
-        tables = self._tables(rows, 0, n_vis - 1, w)
+        unit = self._unit(n_vis - 1)
+        w = self._window(rows, 0, n_vis - 1, unit)
+        tables = self._tables(rows, 0, n_vis - 1, w, unit)
         exists = torch.arange(w, device=self.device)[None, None, :] < self.lengths[:, :n_vis, None]
-        allowed = mixed_visibility(self.depth_attention, d0, n_vis,
-                                   lambda: self.pool.pos[tables].reshape(n, n_vis, w) == q_pos[:, None, None])
+        allowed = mixed_visibility(self.depth_attention, d0, n_vis, lambda: self.pool.pos.view(-1, unit)[tables]
+                                   .reshape(n, n_vis, w) == q_pos[:, None, None])
         spec = MixedDecodeSpec(k_valid=exists & allowed, counts=counts)
-        return _PagedMixedView(self, blk, off, tables, spec)
+        return _PagedMixedView(self, slots, tables, unit, spec)
 
-    def _begin_split(self, deep: list[int], depth_l: list[int], q_pos: torch.Tensor, blk, off,
+    def _begin_split(self, deep: list[int], depth_l: list[int], q_pos: torch.Tensor, slots: torch.Tensor,
                      counts: Counter) -> "_PagedMixedView":
         """Split form (TaH2): every row sees its depth-1 window; the deeper rows also depths 2..theirs."""
         n = self.active
         dev = self.device
         rows = list(range(n))
-        w = self._window(rows, 0, 0)
-        tables1 = self._tables(rows, 0, 0, w)
+        w = self._window(rows, 0, 0, self.bs)
+        tables1 = self._tables(rows, 0, 0, w, self.bs)
         n_vis = max(depth_l[i] for i in deep)
-        w2 = self._window(deep, 1, n_vis - 1)
-        tables2 = self._tables(deep, 1, n_vis - 1, w2)  # (B_deep, n_vis - 1, nb2)
+        w2 = self._window(deep, 1, n_vis - 1, self.dbs)
+        tables2 = self._tables(deep, 1, n_vis - 1, w2, self.dbs)  # (B_deep, n_vis - 1, w2 // dbs)
         deep_t = torch.tensor(deep, dtype=torch.long, device=dev)
         exists1 = torch.arange(w, device=dev)[None, None, :] < self.lengths[:, :1, None]
         lens = self.lengths.index_select(0, deep_t)[:, 1:n_vis, None]
@@ -363,39 +474,39 @@ class PagedBatch:
         dd0 = torch.tensor([depth_l[i] - 1 for i in deep], device=dev)
         allowed = kd <= dd0[:, None, None]
         if self.depth_attention == "first_self":
-            pos = self.pool.pos[tables2].reshape(len(deep), n_vis - 1, w2)
+            pos = self.pool.pos.view(-1, self.dbs)[tables2].reshape(len(deep), n_vis - 1, w2)
             allowed = allowed & (pos == q_pos.index_select(0, deep_t)[:, None, None])
         spec = MixedDecodeSpec(k_valid=exists1, counts=counts, deep_rows=deep_t, deep_valid=exists & allowed)
-        return _PagedMixedView(self, blk, off, tables1, spec, deep_tables=tables2)
+        return _PagedMixedView(self, slots, tables1, self.bs, spec, deep_tables=tables2)
 
 
 class _PagedDepthView(_DepthView):
-    def __init__(self, batch: PagedBatch, tables, blk, off, bi, qi, spec: DuoCausalSpec) -> None:
-        self.batch, self.tables, self.blk, self.off, self.bi, self.qi, self.spec = batch, tables, blk, off, bi, qi, spec
+    def __init__(self, batch: PagedBatch, tables, unit: int, slots, bi, qi, spec: DuoCausalSpec) -> None:
+        self.batch, self.tables, self.unit, self.slots, self.bi, self.qi = batch, tables, unit, slots, bi, qi
+        self.spec = spec
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         pool = self.batch.pool
-        kb, vb = pool.k[layer_idx], pool.v[layer_idx]
-        kb[self.blk, :, self.off] = key_states[self.bi, :, self.qi].to(kb.dtype)  # (N, Hkv, D)
-        vb[self.blk, :, self.off] = value_states[self.bi, :, self.qi].to(vb.dtype)
-        k, v = pool.gather(layer_idx, self.tables, "k"), pool.gather(layer_idx, self.tables, "v")
+        pool.write(layer_idx, self.slots, key_states[self.bi, :, self.qi], value_states[self.bi, :, self.qi])
+        k = pool.gather(layer_idx, self.tables, "k", self.unit)
+        v = pool.gather(layer_idx, self.tables, "v", self.unit)
         R, H, nv, w, D = k.shape
         return k.reshape(R, H, nv * w, D), v.reshape(R, H, nv * w, D)
 
 
 class _PagedMixedView(_DepthView):
-    def __init__(self, batch: PagedBatch, blk, off, tables, spec: MixedDecodeSpec,
+    def __init__(self, batch: PagedBatch, slots, tables, unit: int, spec: MixedDecodeSpec,
                  deep_tables: torch.Tensor | None = None) -> None:
-        self.batch, self.blk, self.off, self.tables, self.spec = batch, blk, off, tables, spec
+        self.batch, self.slots, self.tables, self.unit, self.spec = batch, slots, tables, unit, spec
         self.deep_tables = deep_tables
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         pool = self.batch.pool
-        kb, vb = pool.k[layer_idx], pool.v[layer_idx]
-        kb[self.blk, :, self.off] = key_states[:, :, 0].to(kb.dtype)  # (n, Hkv, D)
-        vb[self.blk, :, self.off] = value_states[:, :, 0].to(vb.dtype)
-        k, v = pool.gather(layer_idx, self.tables, "k"), pool.gather(layer_idx, self.tables, "v")
+        pool.write(layer_idx, self.slots, key_states[:, :, 0], value_states[:, :, 0])  # (n, Hkv, D)
+        k = pool.gather(layer_idx, self.tables, "k", self.unit)
+        v = pool.gather(layer_idx, self.tables, "v", self.unit)
         if self.deep_tables is None:
             return k, v
-        return ((k, pool.gather(layer_idx, self.deep_tables, "k")),
-                (v, pool.gather(layer_idx, self.deep_tables, "v")))
+        dbs = pool.deep_block_size
+        return ((k, pool.gather(layer_idx, self.deep_tables, "k", dbs)),
+                (v, pool.gather(layer_idx, self.deep_tables, "v", dbs)))

@@ -4,14 +4,17 @@ its current token runs next (`Request.next_depth`, which the runner writes), and
 
 Policy (as vLLM v1's, with depth costs):
 - **Decode first.** Every running request decodes; the blocks its token needs this step are allocated
-  exactly (a new block when its table at that depth is full; a deeper table gets its first block when
-  the request's first token reaches that depth). When the pool cannot supply them, the newest running
+  exactly (a new block when its table at that depth is full -- a pool block at depth 1, a deep block of
+  `deep_block_size` slots deeper; a deeper table gets its first block when the request's first token
+  reaches that depth). When the pool cannot supply them, the newest running
   request is preempted: its blocks are freed, it goes back to the waiting queue in arrival order and is
   recomputed on resume (its prompt plus what it generated is prefilled again; its sampling generator is
   kept, so it draws exactly what it would have drawn alone). No admission in a step that preempted.
 - **Admission** in arrival order (FIFO: nothing overtakes the oldest waiting request, so none waits
   forever): a request is admitted when its depth-1 blocks (less prefix-cache hits) plus a reserve for
-  its expected deeper-depth entries are free. The reserve per depth d >= 2 is share_d x tokens, where
+  its expected deeper-depth entries are free. Deeper entries count in deep blocks, turned into pool
+  blocks exactly as the allocator takes them (`BlockPool.blocks_needed`: deep blocks free in split pool
+  blocks first, then whole pool blocks split). The reserve per depth d >= 2 is share_d x tokens, where
   share_d is `EngineConfig.deep_reserve` or, by default, the running share of tokens that reached depth
   d (learnt from every token the engine ran; 0.1 before any). A request whose prefill ran out of blocks
   anyway is next admitted alone with the worst case reserved (every token at every depth up to its cap);
@@ -86,9 +89,11 @@ class StepPlan:
     cached: dict[str, int] = field(default_factory=dict)
     """Prefix-cache hits: tokens of each admitted request whose depth-1 K/V (and deeper entries) exist."""
     allocated: dict[str, list[int]] = field(default_factory=dict)
-    """Blocks allocated this step per request (decode growth and admitted prompts)."""
+    """Depth-1 (pool) blocks allocated this step per request (decode growth and admitted prompts)."""
+    allocated_deep: dict[str, list[int]] = field(default_factory=dict)
+    """Deep blocks allocated this step per request by decode growth (prefills allocate theirs as they write)."""
     freed: list[int] = field(default_factory=list)
-    """Blocks released this step by preemption."""
+    """Blocks released this step by preemption (depth-1 blocks, then deep blocks, per request)."""
     preempted: list[Request] = field(default_factory=list)
     failed: list[tuple[Request, BaseException]] = field(default_factory=list)
     """Requests that cannot fit the pool at all (a clear error, not a hang)."""
@@ -122,10 +127,11 @@ class Scheduler:
         return self.depth_tokens.get(d, 0) / total  # depth_tokens[d]: tokens that reached depth d
 
     def reserve_blocks(self, r: Request, n_tokens: int) -> int:
-        bs = self.pool.block_size
+        """Deep blocks to reserve for a request's deeper entries over n_tokens tokens."""
+        dbs = self.pool.deep_block_size
         if r.worst_case:
-            return (r.cap - 1) * math.ceil(n_tokens / bs)
-        return sum(math.ceil(self.share(d) * n_tokens / bs) for d in range(2, r.cap + 1))
+            return (r.cap - 1) * math.ceil(n_tokens / dbs)
+        return sum(math.ceil(self.share(d) * n_tokens / dbs) for d in range(2, r.cap + 1))
 
     def prefix_seed(self, r: Request, policy: str, threshold: float) -> str:
         """What the cached entries depend on besides the tokens: policy, cap, threshold (decider)."""
@@ -135,7 +141,8 @@ class Scheduler:
     def release(self, r: Request) -> list[int]:
         """Free a request's blocks (finished, failed or preempted)."""
         blocks = r.kv.blocks()
-        self.pool.free(blocks)
+        self.pool.free(r.kv.tables[0])
+        self.pool.free_deep(r.kv.deep_blocks())
         r.kv.reset()
         return blocks
 
@@ -152,15 +159,21 @@ class Scheduler:
         plan.preempted.append(r)
         self.add(r)
 
-    def _decode_need(self, r: Request) -> int:
+    def _decode_need(self, r: Request) -> tuple[int, int]:
+        """(depth-1 blocks, deep blocks) its next token needs: one when its table at that depth is full."""
         d0 = r.next_depth - 1
-        return int(r.kv.lengths[d0] >= len(r.kv.tables[d0]) * self.pool.block_size)
+        full = int(r.kv.lengths[d0] >= len(r.kv.tables[d0]) * self.pool.unit(d0))
+        return (full, 0) if d0 == 0 else (0, full)
+
+    def _decode_fits(self) -> bool:
+        needs = [self._decode_need(r) for r in self.running]
+        return self.pool.fits(sum(n for n, _ in needs), sum(n for _, n in needs))
 
     # ------------------------------------------------------------------ the plan
     def schedule(self, seed_of) -> StepPlan:
         """This step's plan. seed_of(request) -> its prefix-cache hash seed."""
         plan = StepPlan()
-        while self.running and sum(self._decode_need(r) for r in self.running) > self.pool.num_free:
+        while self.running and not self._decode_fits():
             if len(self.running) == 1:  # alone and still out of blocks: it cannot fit this pool
                 r = self.running.pop()
                 plan.freed += self.release(r)
@@ -170,10 +183,15 @@ class Scheduler:
                 break
             self._preempt(self.running[-1], plan)
         for r in self.running:
-            if self._decode_need(r):
+            n, n_deep = self._decode_need(r)
+            if n:
                 b = self.pool.allocate(1)
-                r.kv.tables[r.next_depth - 1] += b
+                r.kv.tables[0] += b
                 plan.allocated.setdefault(r.rid, []).extend(b)
+            elif n_deep:
+                b = self.pool.allocate_deep(1)
+                r.kv.tables[r.next_depth - 1] += b
+                plan.allocated_deep.setdefault(r.rid, []).extend(b)
             plan.decode.append(r)
             plan.decode_depths.append(r.next_depth)
         if not plan.preempted:
@@ -181,8 +199,8 @@ class Scheduler:
         return plan
 
     def _admit(self, plan: StepPlan, seed_of) -> None:
-        budget, bs = self.max_prefill_tokens, self.pool.block_size
-        free, reserved = self.pool.num_free, 0  # free less the reserves of this step's admissions
+        budget, bs, dbs, pool = self.max_prefill_tokens, self.pool.block_size, self.pool.deep_block_size, self.pool
+        reserved = 0  # deep blocks reserved by this step's admissions
         while self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
             if r.worst_case and plan.prefill:
@@ -196,16 +214,18 @@ class Scheduler:
                 hashes = chain_hashes(toks, bs, (n - 1) // bs, seed_of(r))  # the last token is always run
                 hits = self.pool.lookup(hashes)
             deep_entries = self._payload_entries(hashes[:len(hits)], r.cap)
-            hit_free = sum(1 for b in hits if self.pool.ref[b] == 0)  # counted in `free` until taken
-            need = math.ceil(n / bs) - len(hits) + sum(math.ceil(e / bs) for e in deep_entries.values())
+            hit_free = sum(1 for b in hits if pool.ref[b] == 0)  # counted in num_free until taken
+            need = math.ceil(n / bs) - len(hits) + hit_free  # depth-1 pool blocks
+            need_deep = sum(math.ceil(e / dbs) for e in deep_entries.values())  # the hits' deeper entries
             reserve = self.reserve_blocks(r, n)
             alone = not self.running and not plan.prefill
-            if need + hit_free + reserve > free and not (alone and need + hit_free <= free):
-                if alone and need > self.pool.num_blocks:
+            if not pool.fits(need, need_deep + reserved + reserve) and not (alone and pool.fits(need, need_deep)):
+                whole = need - hit_free + math.ceil(need_deep / pool.split)
+                if alone and whole > pool.num_blocks:
                     self.waiting.pop(0)
                     plan.failed.append((r, RuntimeError(
-                        f"request {r.rid} needs {need} KV blocks of {bs} tokens for {n} tokens; the pool holds "
-                        f"{self.pool.num_blocks}")))
+                        f"request {r.rid} needs {whole} KV blocks of {bs} tokens for {n} tokens; the pool holds "
+                        f"{pool.num_blocks}")))
                     continue
                 break  # the oldest waits for blocks; nothing younger overtakes it
             self.waiting.pop(0)
@@ -219,7 +239,6 @@ class Scheduler:
             r.kv.tables[0] += fresh
             plan.allocated.setdefault(r.rid, []).extend(fresh)
             reserved += reserve
-            free = self.pool.num_free - reserved
             budget -= n - len(hits) * bs
             plan.cached[r.rid] = len(hits) * bs
             self.pool.prefix_queries += n if self.prefix_caching else 0
