@@ -60,6 +60,8 @@ def test_greedy_equals_argmax_of_full_forward(policy):
         assert full.depths[0, n - 1:-1].tolist() == o.depths
         ref_lp = torch.log_softmax(full.logits[0, n - 1:-1], -1).gather(1, seq[0, n:, None])[:, 0]
         assert torch.allclose(torch.tensor(o.logprobs), ref_lp, atol=1e-4)
+    if policy == "decider":  # rows at depth 1 and 2 in one pass: depth-1 rows read depth-1 keys only
+        assert model.attention_paths["mixed_decode_split"] > 0
 
 
 def test_standard_policy_equals_hf_generate():
