@@ -257,6 +257,9 @@ def lora_on_rows(layers: list[BaseTunerLayer], rows: torch.Tensor) -> Iterator[N
     last: list[Any] = [None, None]  # (input tensor, its gathered rows): q/k/v and gate/up share their input
 
     def add_delta(m: BaseTunerLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not isinstance(m, LoraLinear) or any(n in m.lora_variant for n in m.active_adapters):
+            raise NotImplementedError(f"row-gathered LoRA runs vanilla LoRA on Linear layers, not {type(m).__name__} "
+                                      f"with variants {sorted(m.lora_variant)}")
         x = args[0]
         if last[0] is not x:
             last[0], last[1] = x, x.index_select(0, rows)
@@ -265,28 +268,31 @@ def lora_on_rows(layers: list[BaseTunerLayer], rows: torch.Tensor) -> Iterator[N
             if name not in m.lora_A:
                 continue
             a, b = m.lora_A[name], m.lora_B[name]
-            xa = m.lora_dropout[name](xs.to(a.weight.dtype))
-            delta = F.linear(F.linear(xa, a.weight, a.bias), b.weight, b.bias)
-            out = out.index_add(0, rows, delta.to(out.dtype), alpha=m.scaling[name])
+            xa = xs.to(a.weight.dtype)
+            if m.training:  # (dropout is the identity in eval: not called, per-call overhead saved)
+                xa = m.lora_dropout[name](xa)
+            delta = F.linear(F.linear(xa, a.weight, a.bias), b.weight, b.bias).to(out.dtype)
+            if out.requires_grad:
+                out = out.index_add(0, rows, delta, alpha=m.scaling[name])
+            else:  # (the base layer's fresh output: added into in place)
+                out.index_add_(0, rows, delta, alpha=m.scaling[name])
         return out
 
-    for m in layers:
-        if not isinstance(m, LoraLinear) or any(n in getattr(m, "lora_variant", {}) for n in m.active_adapters):
-            raise NotImplementedError(f"row-gathered LoRA runs vanilla LoRA on Linear layers, not {type(m).__name__} "
-                                      f"with variants {sorted(getattr(m, 'lora_variant', {}))}")
-    flags = [m._disable_adapters for m in layers]
+    # Only the enabled layers are switched (usually none: forward leaves them off); a module's
+    # __setattr__ costs microseconds, and a decode step enters this block once.
+    switched = [m for m in layers if not m._disable_adapters]
     handles = []
     try:
-        for m in layers:
+        for m in switched:
             m._disable_adapters = True
-            if rows.numel():  # (no rows: the base layers alone)
-                handles.append(m.register_forward_hook(add_delta))
+        if rows.numel():  # (no rows: the base layers alone)
+            handles = [m.register_forward_hook(add_delta) for m in layers]
         yield
     finally:
         for h in handles:
             h.remove()
-        for m, f in zip(layers, flags):
-            m._disable_adapters = f
+        for m in switched:
+            m._disable_adapters = False
         last[0] = last[1] = None
 
 

@@ -342,11 +342,18 @@ def test_lora_on_rows_adds_the_adapter_to_those_rows_only():
     expect = q.base_layer(x) + (x @ a.T @ b.T) * (8 / 4)
     with hf.lora_on_rows(layers, rows):
         assert all(m._disable_adapters for m in layers)
-        got = q(x)
-    assert all(not m._disable_adapters for m in layers)  # flags restored, hooks gone
+        got = q(x.requires_grad_())  # (added out of place: autograd sees it)
+        with torch.no_grad():
+            got_inplace = q(x)  # (added into the base output in place)
+    assert all(not m._disable_adapters for m in layers) and not q._forward_hooks  # flags restored, hooks gone
     assert torch.equal(q(x), q.base_layer(x) + q.lora_B["default"](q.lora_A["default"](x)) * 2.0)
-    assert (got[rows] - expect[rows]).abs().max() < 1e-6
-    assert torch.equal(got[1], q.base_layer(x)[1])
+    for out in (got, got_inplace):
+        assert (out[rows] - expect[rows]).abs().max() < 1e-6
+        assert torch.equal(out[1], q.base_layer(x)[1])
+    got[1].sum().backward(retain_graph=True)  # a row without the adapter: no gradient reaches it
+    assert q.lora_B["default"].weight.grad.abs().sum() == 0 and x.grad[1].abs().sum() > 0
+    got[0].sum().backward()
+    assert q.lora_B["default"].weight.grad.abs().sum() > 0
     ids = _ids(B=3)
     on, off = model(ids).logits, base(ids).logits
     with hf.lora_on_rows(layers, torch.tensor([0, 2])):
@@ -364,9 +371,11 @@ def test_lora_on_rows_refuses_a_lora_variant():
 
     model = BUILDERS["qwen3"]()  # DoRA (a peft variant; TaH's LoraSettings has no switch for it)
     get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+    layers = hf.lora_layers(model)
     with pytest.raises(NotImplementedError, match="vanilla LoRA"):
-        with hf.lora_on_rows(hf.lora_layers(model), torch.tensor([0])):
-            pass
+        with hf.lora_on_rows(layers, torch.tensor([0])):
+            model(_ids())
+    assert all(not m._disable_adapters for m in layers) and all(not m._forward_hooks for m in layers)
 
 
 def test_peft_freezes_base_weights_by_default():
