@@ -139,7 +139,8 @@ def profile(make_engine, model, steps: int, rounds: int = 4, top: int = 18) -> N
         s, t = (res[k].get(lab, (0.0,))[0] for k in ("standard", "tah"))
         print(f"| {lab} | {s:.2f} | {t:.2f} |")
     ops = sorted((k for k in res["tah"] if k.startswith("aten::")), key=lambda k: -res["tah"][k][1])[:top]
-    print("\n| op (self CPU) | Standard ms/step | TaH ms/step | TaH - Standard | TaH calls/step |\n|---|---|---|---|---|")
+    print("\n| op (self CPU) | Standard ms/step | TaH ms/step | TaH - Standard | TaH calls/step |")
+    print("|---|---|---|---|---|")
     for k in ops:
         s, t = res["standard"].get(k, (0, 0, 0))[1], res["tah"][k][1]
         print(f"| {k} | {s:.2f} | {t:.2f} | {t - s:+.2f} | {res['tah'][k][2]:.0f} |")

@@ -43,7 +43,7 @@ from .attention import ATTN_IMPLEMENTATION
 from .cache import PackedKV, TaHCache
 from .config import TaHConfig
 from .convert import resolve_checkpoint
-from .decider import IterationDecider, Tah2Decider, default_decider_layers
+from .decider import IterationDecider, Tah2Decider, default_decider_layers, topk_logits
 from .updater import InputUpdater
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ class TaHForCausalLM(nn.Module):
                 dec = self.decider(embeds, last_hidden, logits)  # (N_d,)
                 dec_parts.append((flat, d, dec))
             elif need_decider:
-                top = cum.topk(self.topk, dim=-1)  # sorted values, (N_d, k)
+                top = topk_logits(cum, self.topk)  # sorted values, (N_d, k)
                 dec = self.decider([lay.unpack(saved[i]) for i in self.decider_layers], top.values)  # (N_d,)
                 dec_parts.append((flat, d, dec))
             if depths is not None:
@@ -384,7 +384,7 @@ class TaHForCausalLM(nn.Module):
             if need_decider and not tah2_dec:
                 topk_vals, topk_ids = top.values[cont], top.indices[cont]
             else:  # top-k only where the next depth needs it (~15% of tokens), not over all (N, V)
-                topk_vals, topk_ids = prev_cum.topk(self.topk, dim=-1)
+                topk_vals, topk_ids = topk_logits(prev_cum, self.topk)
 
         run_depth = torch.zeros(B * T, dtype=torch.long, device=dev)
         for d, lay in enumerate(layouts, start=1):

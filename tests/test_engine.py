@@ -19,17 +19,18 @@ def _prompts(n: int, seed: int = 0, lo: int = 2, hi: int = 12) -> list[list[int]
             for _ in range(n)]
 
 
-def _model_with_mixed_depths(max_depth: int = 2):
+def _model_with_mixed_depths(max_depth: int = 2, **cfg):
     """A random TaH model and a threshold at the median decider probability: both depths occur."""
-    model, _ = make(max_depth=max_depth)
+    model, _ = make(max_depth=max_depth, **cfg)
     ids = torch.tensor(_prompts(1, seed=42, lo=20, hi=21))
     with torch.no_grad():
         probs = torch.sigmoid(model(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0])
     return model, float(probs.median())
 
 
-def test_greedy_batch1_equals_reference_generate():
-    model, thr = _model_with_mixed_depths()
+@pytest.mark.parametrize("topk", [100, 16])  # 16 of 512: the CPU's grouped top-k (decider.topk_logits)
+def test_greedy_batch1_equals_reference_generate(topk):
+    model, thr = _model_with_mixed_depths(soft_input_topk=topk)
     eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, block_size=8))
     iterated = 0
     for p in _prompts(3, seed=1):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..decider import topk_logits
 from ..mixture import MixtureState
 from ..model import TaHForCausalLM
 from .kv import BlockPool, PagedBatch
@@ -132,7 +133,7 @@ class ModelRunner:
         cont = [False] * len(rows)
         top = None
         if below:  # (over every row: gathering the few rows at their cap out would copy more than it saves)
-            top = cum.topk(model.topk, dim=-1)  # the decider's input, and the soft input of the rows going on
+            top = topk_logits(cum, model.topk)  # the decider's input, and the soft input of the rows going on
             go = [True] * len(rows)  # always_think: every row below its cap
             if self.policy == "decider":  # each request's threshold
                 go = model.goes_deeper(model.decider(hidden, top.values), self._thr(thresholds)).tolist()
