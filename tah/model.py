@@ -467,7 +467,7 @@ class TaHForCausalLM(nn.Module):
             h, saved = self._layers(x, q_pos, view, keep)
         cum = hf.decoder_parts(self.backbone).lm_head(h)[:, 0]  # (B, V)
         if di.numel():
-            cum = cum.index_add(0, di, prev_cum.to(cum.dtype))
+            cum.index_add_(0, di, prev_cum.to(cum.dtype))  # (into the fresh lm_head output: no (B, V) copy)
         hidden = [saved[i][:, 0] for i in self.decider_layers] if self.decider is not None else None
         return cum, hidden
 
