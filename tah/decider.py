@@ -49,13 +49,14 @@ def topk_logits(logits: torch.Tensor, k: int) -> TopK:
     ({g, g + W, ...}) and topk runs over the members of the k groups with the largest maxima only: a group
     outside them has k group maxima at other positions at least as large as any of its members, so none
     of the k largest values is lost. c ~ sqrt(V / k) balances the two selections (V = 8192, k = 100:
-    c = 8, ~35 % less time); with c < 4 (small vocabularies) it is plain torch.topk.
+    c = 8, ~35 % less time); with c < 4 (small vocabularies) or a single row (its fixed cost dominates),
+    plain torch.topk.
     """
     N, V = logits.shape
     c = 1
     while c * 2 <= math.sqrt(V / max(k, 1)) and V % (c * 2) == 0:
         c *= 2
-    if logits.device.type != "cpu" or c < 4 or N == 0:
+    if logits.device.type != "cpu" or c < 4 or N < 2:
         return TopK(*logits.topk(k, dim=-1))
     W = V // c
     groups = logits.reshape(N, c, W)  # (N, c, W): group g holds columns g, g + W, ..., g + (c - 1) W

@@ -38,6 +38,8 @@ def test_topk_logits_on_a_view_and_with_gradient():
     assert torch.equal(got.values, x[:, 0].topk(100, dim=-1).values)
     got.values.sum().backward()
     assert x.grad.sum() == 4 * 100 and set(x.grad.unique().tolist()) == {0.0, 1.0}
+    one = topk_logits(x[:1, 0].detach(), 100)  # (a single row: torch.topk itself)
+    assert torch.equal(one.values, got.values[:1].detach()) and torch.equal(one.indices, got.indices[:1])
 
 
 def test_decider_forward_equals_its_modules_composed():

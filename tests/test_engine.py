@@ -43,11 +43,12 @@ def test_greedy_batch1_equals_reference_generate(topk):
     assert iterated > 0
 
 
-@pytest.mark.parametrize("policy", ["decider", "always_think"])
-def test_greedy_equals_argmax_of_full_forward(policy):
+@pytest.mark.parametrize("policy,topk", [("decider", 100), ("always_think", 100), ("decider", 16)])
+def test_greedy_equals_argmax_of_full_forward(policy, topk):
     """Each generated token is the argmax of one parallel forward over the final text, which also
-    makes the same depth decisions (decider) or runs the same forced depths."""
-    model, thr = _model_with_mixed_depths()
+    makes the same depth decisions (decider) or runs the same forced depths. (k = 16 of 512: the
+    CPU's grouped top-k, decider.topk_logits, over the decode pass's rows too.)"""
+    model, thr = _model_with_mixed_depths(soft_input_topk=topk)
     eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, depth_policy=policy))
     prompts = _prompts(3, seed=2)
     outs = eng.generate(prompts, SamplingParams(max_tokens=9, temperature=0.0, logprobs=0))
