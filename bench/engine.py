@@ -14,12 +14,15 @@ checkpoint. Standard and AlwaysThink are the same engine with forced depths; HF 
     python bench/engine.py --checkpoint runs/tiny/train/tah/stage2/model --threshold 0.9
     python bench/engine.py --model $(python -m tah.real_model --path)   # a real HF model, TaH calibrated on it
     python bench/engine.py --size smollm2-135m                         # its shape (Llama), random weights
+    python bench/engine.py --batches 32 --profile 40     # where a step's time goes: Standard vs TaH, per op
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import statistics
 import time
 
@@ -81,6 +84,68 @@ def build(args: argparse.Namespace):
     return model, ref, thr, dims["vocab_size"]
 
 
+@contextlib.contextmanager
+def _regions(eng, model):
+    """Label the engine's parts as profiler regions (instance attributes over the methods, removed after)."""
+    from torch.profiler import record_function
+
+    def wrap(obj, name, label):
+        f = getattr(obj, name)
+
+        @functools.wraps(f)
+        def run(*a, **k):
+            with record_function(label):
+                return f(*a, **k)
+        setattr(obj, name, run)
+        return obj, name
+
+    done = [wrap(eng.scheduler, "schedule", "schedule"), wrap(eng.runner, "prefill", "prefill"),
+            wrap(eng.runner, "decode", "decode (all below)"), wrap(model, "decode_step", "  decode_step"),
+            wrap(eng.outputs, "process", "sample + outputs")]
+    if model.decider is not None:
+        done.append(wrap(model.decider, "forward", "  decider MLP"))
+    try:
+        yield
+    finally:
+        for obj, name in done:
+            delattr(obj, name)
+
+
+def profile(make_engine, model, steps: int, rounds: int = 4, top: int = 18) -> None:
+    """Steady-state steps of Standard and TaH under torch.profiler, interleaved in `rounds` so that machine
+    noise hits both alike: ms/step per engine part and per op (self CPU time, summed over the op's calls),
+    TaH's costliest ops first with Standard beside them."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engines = {"standard": make_engine("standard"), "tah": make_engine("decider")}  # warmed to steady state
+    res: dict[str, dict[str, list[float]]] = {k: {} for k in engines}  # op -> [total ms, self ms, calls]
+    for r in range(rounds):
+        n = steps // rounds + (r < steps % rounds)
+        for name, eng in engines.items():
+            with _regions(eng, model), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(n):
+                    eng.step()
+            for e in prof.key_averages():
+                acc = res[name].setdefault(e.key, [0.0, 0.0, 0.0])
+                acc[0] += e.cpu_time_total / steps / 1e3
+                acc[1] += e.self_cpu_time_total / steps / 1e3
+                acc[2] += e.count / steps
+    labels = ["schedule", "prefill", "decode (all below)", "  decode_step", "  decider MLP", "sample + outputs"]
+    total = {k: sum(v[1] for v in r.values()) for k, r in res.items()}
+    print("| part | Standard ms/step | TaH ms/step |\n|---|---|---|")
+    print(f"| whole step (profiled) | {total['standard']:.2f} | {total['tah']:.2f} |")
+    for lab in labels:
+        s, t = (res[k].get(lab, (0.0,))[0] for k in ("standard", "tah"))
+        print(f"| {lab} | {s:.2f} | {t:.2f} |")
+    ops = sorted((k for k in res["tah"] if k.startswith("aten::")), key=lambda k: -res["tah"][k][1])[:top]
+    print("\n| op (self CPU) | Standard ms/step | TaH ms/step | TaH - Standard | TaH calls/step |")
+    print("|---|---|---|---|---|")
+    for k in ops:
+        s, t = res["standard"].get(k, (0, 0, 0))[1], res["tah"][k][1]
+        print(f"| {k} | {s:.2f} | {t:.2f} | {t - s:+.2f} | {res['tah'][k][2]:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="small", choices=[*DIMS, *LLAMA_DIMS])
@@ -94,6 +159,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--waves", type=int, default=8, help="requests queued = waves x batch, through batch slots")
     ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="instead of timing: profile STEPS steady-state steps of Standard and TaH per batch")
     args = ap.parse_args()
     from tah.engine import Engine, EngineConfig
     from tah.engine import SamplingParams as SP
@@ -104,8 +171,9 @@ def main() -> None:
     print(f"# engine decode, {what}, device {dev}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.waves} x batch requests, "
           f"temperature {args.temperature}, TaH threshold {thr:.4f}")
-    print("| batch | method | tokens/s | share depth 2 | ÷ Standard | ")
-    print("|---|---|---|---|---|")
+    if not args.profile:
+        print("| batch | method | tokens/s | share depth 2 | ÷ Standard | ")
+        print("|---|---|---|---|---|")
     for B in args.batches:
         g = torch.Generator().manual_seed(B)
         n_req = B * args.waves
@@ -115,15 +183,25 @@ def main() -> None:
         lens = torch.randint(args.new_tokens // 2, 3 * args.new_tokens // 2 + 1, (n_req,), generator=g).tolist()
         sp = [SP(max_tokens=m, ignore_eos=True, seed=i, temperature=args.temperature) for i, m in enumerate(lens)]
 
-        def run_engine(policy):
-            """Steady state: a queue that never drains, `batch` slots; tokens over 2 x new_tokens steps
-            after the first new_tokens steps (so slots are at mixed phases and refilled as they free)."""
+        def steady_engine(policy):
+            """A queue that never drains, `batch` slots, after new_tokens steps (so slots are at mixed
+            phases and refilled as they free)."""
             eng = Engine(model, EngineConfig(max_num_seqs=B, max_model_len=args.prompt_len + 2 * args.new_tokens,
                                              depth_policy=policy, threshold=thr))
             for p, q in zip(prompts, sp):
                 eng.add_request(p, q)
             for _ in range(args.new_tokens):
                 eng.step()
+            return eng
+
+        if args.profile:
+            print(f"\n## batch {B}: {args.profile} steady-state steps\n")
+            profile(steady_engine, model, args.profile)
+            continue
+
+        def run_engine(policy):
+            """Steady state: tokens over 2 x new_tokens steps of `steady_engine`."""
+            eng = steady_engine(policy)
             t0, n, deep = time.perf_counter(), 0, 0
             for _ in range(2 * args.new_tokens):
                 for e in eng.step():

@@ -2,11 +2,12 @@
 
 TaH runs an HF backbone's own modules by hand (embedding, rotary, decoder layers, norm, lm_head), plugs
 its duo-causal attention in through HF's attention registry, hands its per-depth KV stores to HF's
-attention modules as a duck-typed cache, and switches the depth-LoRA on and off (per call, or per batch
-row) by flipping peft's own flags. None of that is public API, so each reliance lives here behind a
-small named function, with a comment naming the internal it relies on and the versions it was checked
-against, and each has one test named after the assumption in tests/test_hf_adapter.py. When a new
-transformers or peft release breaks TaH, that file says which assumption broke:
+attention modules as a duck-typed cache, and switches the depth-LoRA on and off (per call, by flipping
+peft's own flag) or applies it to some batch rows only (gathering them). None of that is public API, so
+each reliance lives here behind a small named function, with a comment naming the internal it relies on
+and the versions it was checked against, and each has one test named after the assumption in
+tests/test_hf_adapter.py. When a new transformers or peft release breaks TaH, that file says which
+assumption broke:
 
     .venv/bin/python -m pytest -q tests/test_hf_adapter.py        # ~20-30 s on 2 CPU cores
 
@@ -17,11 +18,14 @@ Library code outside this module uses only the functions below and public HF/pef
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
@@ -231,30 +235,66 @@ def set_lora_enabled(layers: list[BaseTunerLayer], on: bool) -> None:
     Checked: peft 0.21.2.
     """
     for m in layers:
-        m._disable_adapters = not on
+        if m._disable_adapters == on:  # (a module's __setattr__ costs microseconds: only where it changes)
+            m._disable_adapters = not on
 
 
-def lora_scalings(layers: list[BaseTunerLayer]) -> list[dict[str, float]]:
-    """A copy of each layer's {adapter name: alpha / r}, to restore after per-row scaling."""
-    return [dict(m.scaling) for m in layers]
+@contextlib.contextmanager
+def lora_on_rows(layers: list[BaseTunerLayer], rows: torch.Tensor) -> Iterator[None]:
+    """Within the block, the adapters add their output to the batch rows `rows` (R,) only (sorted, unique
+    indices into dim 0 of every layer input (B, ..., in)); the other rows get the base layer's output alone.
 
+    The rows are gathered, run through A then B (rank r) and added into the base output at those rows
+    (index_add, alpha = alpha / r), as multi-LoRA servers apply an adapter to its own rows (BGMV/SGMV):
+    the same value as base(x) + B(A(x)) * scaling on those rows, and no adapter work on the others.
+    Layers that share an input (q/k/v, gate/up) share one gather.
 
-def set_lora_row_scale(layers: list[BaseTunerLayer], base: list[dict[str, float]],
-                       row_mask: torch.Tensor | None) -> None:
-    """Scale each batch row's LoRA output by row_mask (B,) (0/1 in the compute dtype); None restores `base`.
-
-    Relies on: the LoRA forward computing `result + lora_B(lora_A(x)) * self.scaling[name]` with the
-    scaling read per call, so a (B, 1, 1) tensor broadcasts over inputs (B, T, H): x + 0 is exact on
-    the rows at 0. The flag of `set_lora_enabled` still applies. Checked: peft 0.21.2.
+    Relies on (checked: peft 0.21.2): with `_disable_adapters` set, a LoRA Linear's forward is its
+    `base_layer(x)` (the block sets it and restores it after; a forward hook adds the delta); the input
+    is the forward's first positional argument; `active_adapters`, and `lora_A` / `lora_B` /
+    `lora_dropout` / `scaling` keyed by adapter name, computing `lora_B(lora_A(dropout(x))) * scaling`
+    in lora_A's dtype for vanilla LoRA (`lora_variant` empty: a variant such as DoRA is refused).
     """
-    if row_mask is None:
-        for m, sc in zip(layers, base):
-            m.scaling.update(sc)
-        return
-    mask = row_mask[:, None, None]  # (B, 1, 1)
-    for m, sc in zip(layers, base):
-        for name, v in sc.items():
-            m.scaling[name] = mask * v
+    last: list[Any] = [None, None]  # (input tensor, its gathered rows): q/k/v and gate/up share their input
+
+    def add_delta(m: BaseTunerLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not isinstance(m, LoraLinear) or any(n in m.lora_variant for n in m.active_adapters):
+            raise NotImplementedError(f"row-gathered LoRA runs vanilla LoRA on Linear layers, not {type(m).__name__} "
+                                      f"with variants {sorted(m.lora_variant)}")
+        x = args[0]
+        if last[0] is not x:
+            last[0], last[1] = x, x.index_select(0, rows)
+        xs = last[1]
+        for name in m.active_adapters:
+            if name not in m.lora_A:
+                continue
+            a, b = m.lora_A[name], m.lora_B[name]
+            xa = xs.to(a.weight.dtype)
+            if m.training:  # (dropout is the identity in eval: not called, per-call overhead saved)
+                xa = m.lora_dropout[name](xa)
+            delta = F.linear(F.linear(xa, a.weight, a.bias), b.weight, b.bias).to(out.dtype)
+            if out.requires_grad:
+                out = out.index_add(0, rows, delta, alpha=m.scaling[name])
+            else:  # (the base layer's fresh output: added into in place)
+                out.index_add_(0, rows, delta, alpha=m.scaling[name])
+        return out
+
+    # Only the enabled layers are switched (usually none: forward leaves them off); a module's
+    # __setattr__ costs microseconds, and a decode step enters this block once.
+    switched = [m for m in layers if not m._disable_adapters]
+    handles = []
+    try:
+        for m in switched:
+            m._disable_adapters = True
+        if rows.numel():  # (no rows: the base layers alone)
+            handles = [m.register_forward_hook(add_delta) for m in layers]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in switched:
+            m._disable_adapters = False
+        last[0] = last[1] = None
 
 
 def is_lora_param(name: str) -> bool:

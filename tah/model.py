@@ -43,7 +43,7 @@ from .attention import ATTN_IMPLEMENTATION
 from .cache import PackedKV, TaHCache
 from .config import TaHConfig
 from .convert import resolve_checkpoint
-from .decider import IterationDecider, Tah2Decider, default_decider_layers
+from .decider import IterationDecider, Tah2Decider, default_decider_layers, topk_logits
 from .updater import InputUpdater
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,6 @@ class TaHForCausalLM(nn.Module):
         self.backbone = backbone
         # Flip the flag on a cached list: walking all modules per switch costs milliseconds per step.
         self._lora_layers = hf.lora_layers(backbone)
-        self._lora_scaling = hf.lora_scalings(self._lora_layers)
         self.decider_layers = list(config.decider.layers or default_decider_layers(num_layers))
         if any(not 0 <= i <= num_layers for i in self.decider_layers):
             raise ValueError(f"decider.layers {self.decider_layers} outside 0..{num_layers}")
@@ -197,19 +196,6 @@ class TaHForCausalLM(nn.Module):
 
     def _set_lora(self, active: bool) -> None:
         hf.set_lora_enabled(self._lora_layers, active)
-
-    def _set_lora_rows(self, rows: torch.Tensor | None) -> None:
-        """LoRA on for the rows where `rows` (B,) is 1 and off elsewhere (None: off, scalings restored).
-
-        peft multiplies the adapter output by `scaling`; a (B, 1, 1) scaling of 0/1 x alpha/r turns it
-        off per row (x + 0 is exact). The adapter's extra work on the off rows is rank-r, negligible."""
-        if rows is None:
-            hf.set_lora_row_scale(self._lora_layers, self._lora_scaling, None)
-            hf.set_lora_enabled(self._lora_layers, False)
-            return
-        hf.set_lora_enabled(self._lora_layers, True)
-        hf.set_lora_row_scale(self._lora_layers, self._lora_scaling,
-                              rows.to(self.backbone.get_input_embeddings().weight.dtype))
 
     def components(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by component: backbone (incl. embeddings, lm_head), lora, decider."""
@@ -379,7 +365,7 @@ class TaHForCausalLM(nn.Module):
                 dec = self.decider(embeds, last_hidden, logits)  # (N_d,)
                 dec_parts.append((flat, d, dec))
             elif need_decider:
-                top = cum.topk(self.topk, dim=-1)  # sorted values, (N_d, k)
+                top = topk_logits(cum, self.topk)  # sorted values, (N_d, k)
                 dec = self.decider([lay.unpack(saved[i]) for i in self.decider_layers], top.values)  # (N_d,)
                 dec_parts.append((flat, d, dec))
             if depths is not None:
@@ -398,7 +384,7 @@ class TaHForCausalLM(nn.Module):
             if need_decider and not tah2_dec:
                 topk_vals, topk_ids = top.values[cont], top.indices[cont]
             else:  # top-k only where the next depth needs it (~15% of tokens), not over all (N, V)
-                topk_vals, topk_ids = prev_cum.topk(self.topk, dim=-1)
+                topk_vals, topk_ids = topk_logits(prev_cum, self.topk)
 
         run_depth = torch.zeros(B * T, dtype=torch.long, device=dev)
         for d, lay in enumerate(layouts, start=1):
@@ -474,16 +460,14 @@ class TaHForCausalLM(nn.Module):
         x = x[:, None]  # (B, 1, H)
         # A deeper row re-runs the position its depth-1 pass already took.
         q_pos = (cache.lengths[:n, 0] - deep.long())[:, None]  # (B, 1)
-        view = cache.begin_mixed(depth, q_pos[:, 0], self.attention_paths)
+        # Split: the depth-1 rows read the depth-1 window only, the deeper rows also their deeper keys.
+        view = cache.begin_mixed(depth, q_pos[:, 0], self.attention_paths, split_deep=True)
         keep = set(self.decider_layers) if self.decider is not None else set()
-        self._set_lora_rows(deep if di.numel() else None)
-        try:
+        with hf.lora_on_rows(self._lora_layers, di):  # the depth-LoRA on the deeper rows only
             h, saved = self._layers(x, q_pos, view, keep)
-        finally:
-            self._set_lora_rows(None)
         cum = hf.decoder_parts(self.backbone).lm_head(h)[:, 0]  # (B, V)
         if di.numel():
-            cum = cum.index_add(0, di, prev_cum.to(cum.dtype))
+            cum.index_add_(0, di, prev_cum.to(cum.dtype))  # (into the fresh lm_head output: no (B, V) copy)
         hidden = [saved[i][:, 0] for i in self.decider_layers] if self.decider is not None else None
         return cum, hidden
 
@@ -515,14 +499,8 @@ class TaHForCausalLM(nn.Module):
         # A deeper row re-runs the position its depth-1 pass already took.
         q_pos = (cache.lengths[:n, 0] - deep.long())[:, None]  # (B, 1)
         view = cache.begin_mixed(depth, q_pos[:, 0], self.attention_paths, split_deep=True)
-        lora = self._peft is not None and bool(di.numel())
-        if lora:
-            self._set_lora_rows(deep)
-        try:
+        with hf.lora_on_rows(self._lora_layers, di):  # (TaH2 has no LoRA unless depth_lora is set)
             h, _ = self._layers(x[:, None], q_pos, view, set())
-        finally:
-            if lora:
-                self._set_lora_rows(None)
         h = h[:, 0]  # (B, H)
         z = hf.decoder_parts(self.backbone).lm_head(h)  # (B, V)
         dec = None

@@ -19,17 +19,18 @@ def _prompts(n: int, seed: int = 0, lo: int = 2, hi: int = 12) -> list[list[int]
             for _ in range(n)]
 
 
-def _model_with_mixed_depths(max_depth: int = 2):
+def _model_with_mixed_depths(max_depth: int = 2, **cfg):
     """A random TaH model and a threshold at the median decider probability: both depths occur."""
-    model, _ = make(max_depth=max_depth)
+    model, _ = make(max_depth=max_depth, **cfg)
     ids = torch.tensor(_prompts(1, seed=42, lo=20, hi=21))
     with torch.no_grad():
         probs = torch.sigmoid(model(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0])
     return model, float(probs.median())
 
 
-def test_greedy_batch1_equals_reference_generate():
-    model, thr = _model_with_mixed_depths()
+@pytest.mark.parametrize("topk", [100, 16])  # 16 of 512: the CPU's grouped top-k (decider.topk_logits)
+def test_greedy_batch1_equals_reference_generate(topk):
+    model, thr = _model_with_mixed_depths(soft_input_topk=topk)
     eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, block_size=8))
     iterated = 0
     for p in _prompts(3, seed=1):
@@ -42,11 +43,12 @@ def test_greedy_batch1_equals_reference_generate():
     assert iterated > 0
 
 
-@pytest.mark.parametrize("policy", ["decider", "always_think"])
-def test_greedy_equals_argmax_of_full_forward(policy):
+@pytest.mark.parametrize("policy,topk", [("decider", 100), ("always_think", 100), ("decider", 16)])
+def test_greedy_equals_argmax_of_full_forward(policy, topk):
     """Each generated token is the argmax of one parallel forward over the final text, which also
-    makes the same depth decisions (decider) or runs the same forced depths."""
-    model, thr = _model_with_mixed_depths()
+    makes the same depth decisions (decider) or runs the same forced depths. (k = 16 of 512: the
+    CPU's grouped top-k, decider.topk_logits, over the decode pass's rows too.)"""
+    model, thr = _model_with_mixed_depths(soft_input_topk=topk)
     eng = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, depth_policy=policy))
     prompts = _prompts(3, seed=2)
     outs = eng.generate(prompts, SamplingParams(max_tokens=9, temperature=0.0, logprobs=0))
@@ -60,6 +62,8 @@ def test_greedy_equals_argmax_of_full_forward(policy):
         assert full.depths[0, n - 1:-1].tolist() == o.depths
         ref_lp = torch.log_softmax(full.logits[0, n - 1:-1], -1).gather(1, seq[0, n:, None])[:, 0]
         assert torch.allclose(torch.tensor(o.logprobs), ref_lp, atol=1e-4)
+    if policy == "decider":  # rows at depth 1 and 2 in one pass: depth-1 rows read depth-1 keys only
+        assert model.attention_paths["mixed_decode_split"] > 0
 
 
 def test_standard_policy_equals_hf_generate():

@@ -327,19 +327,55 @@ def test_peft_disable_flag_leaves_gradients():
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_peft_scaling_broadcasts_per_row():
+def test_lora_on_rows_adds_the_adapter_to_those_rows_only():
+    """Per LoRA Linear, the formula written out: base(x) + B(A(x)) * alpha / r on the chosen rows, base(x)
+    exactly elsewhere; the whole model: the rows equal the model with LoRA on everywhere (the 0/1
+    per-row scaling this replaced gave exactly these values)."""
     base, model, _ = _wrapped()
     randomize_lora(model, scale=0.3)
-    layers, ids = hf.lora_layers(model), _ids(B=3)
-    scalings = hf.lora_scalings(layers)
-    assert scalings[0] == {"default": 2.0}  # alpha / r
+    layers = hf.lora_layers(model)
+    assert all(not m._disable_adapters for m in layers)
+    q = hf.decoder_parts(model).layers[0].self_attn.q_proj
+    x = torch.randn(4, 3, q.in_features, generator=torch.Generator().manual_seed(1))  # (B, T, in)
+    rows = torch.tensor([0, 2, 3])
+    a, b = q.lora_A["default"].weight, q.lora_B["default"].weight
+    expect = q.base_layer(x) + (x @ a.T @ b.T) * (8 / 4)
+    with hf.lora_on_rows(layers, rows):
+        assert all(m._disable_adapters for m in layers)
+        got = q(x.requires_grad_())  # (added out of place: autograd sees it)
+        with torch.no_grad():
+            got_inplace = q(x)  # (added into the base output in place)
+    assert all(not m._disable_adapters for m in layers) and not q._forward_hooks  # flags restored, hooks gone
+    assert torch.equal(q(x), q.base_layer(x) + q.lora_B["default"](q.lora_A["default"](x)) * 2.0)
+    for out in (got, got_inplace):
+        assert (out[rows] - expect[rows]).abs().max() < 1e-6
+        assert torch.equal(out[1], q.base_layer(x)[1])
+    got[1].sum().backward(retain_graph=True)  # a row without the adapter: no gradient reaches it
+    assert q.lora_B["default"].weight.grad.abs().sum() == 0 and x.grad[1].abs().sum() > 0
+    got[0].sum().backward()
+    assert q.lora_B["default"].weight.grad.abs().sum() > 0
+    ids = _ids(B=3)
     on, off = model(ids).logits, base(ids).logits
-    hf.set_lora_row_scale(layers, scalings, torch.tensor([1.0, 0.0, 1.0]))
-    mixed = model(ids).logits
-    assert torch.equal(mixed[1], off[1])  # x + 0: exact on the rows switched off
-    assert (mixed[[0, 2]] - on[[0, 2]]).abs().max() < 1e-6
-    hf.set_lora_row_scale(layers, scalings, None)
-    assert hf.lora_scalings(layers) == scalings and torch.equal(model(ids).logits, on)
+    with hf.lora_on_rows(layers, torch.tensor([0, 2])):
+        mixed = model(ids).logits
+    assert torch.equal(mixed[1], off[1])
+    assert (mixed[[0, 2]] - on[[0, 2]]).abs().max() < 1e-6 and (on[0] - off[0]).abs().max() > 1e-2
+    with hf.lora_on_rows(layers, torch.tensor([], dtype=torch.long)):
+        assert torch.equal(model(ids).logits, off)
+    with hf.lora_on_rows(layers, torch.tensor([0, 1, 2])):
+        assert (model(ids).logits - on).abs().max() < 1e-6
+
+
+def test_lora_on_rows_refuses_a_lora_variant():
+    from peft import LoraConfig, get_peft_model
+
+    model = BUILDERS["qwen3"]()  # DoRA (a peft variant; TaH's LoraSettings has no switch for it)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+    layers = hf.lora_layers(model)
+    with pytest.raises(NotImplementedError, match="vanilla LoRA"):
+        with hf.lora_on_rows(layers, torch.tensor([0])):
+            model(_ids())
+    assert all(not m._disable_adapters for m in layers) and all(not m._forward_hooks for m in layers)
 
 
 def test_peft_freezes_base_weights_by_default():

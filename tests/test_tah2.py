@@ -239,9 +239,10 @@ def test_decider_pads_topk_when_vocab_is_small():
 @pytest.mark.parametrize("n,v,k", [(18, 8192, 256), (4, 32768, 1024), (2, 151936, 2048), (1, 8192, 256),
                                    (40, 4096, 64)])
 def test_decider_topk_values_are_torch_topk(n, v, k):
-    """The decider's cheaper top-k (a bound from group maxima, then topk over the survivors) against
-    torch.topk itself: peaked, flat and tied rows, NaN (topk ranks it first), rows of -inf."""
-    from tah.decider import topk_values
+    """TaH2's decider takes its sorted top-k probabilities (k = hidden, e.g. 256 of 8192) from the grouped
+    top-k (tah.decider.topk_logits) at TaH2's shapes: values equal torch.topk's on peaked, flat and tied
+    rows, rows of -inf, and NaN (which torch.topk ranks first)."""
+    from tah.decider import topk_logits
 
     g = torch.Generator().manual_seed(n + v)
     cases = [torch.softmax(torch.randn(n, v, generator=g) * s, -1) for s in (0.05, 2.0, 30.0)]
@@ -252,7 +253,7 @@ def test_decider_topk_values_are_torch_topk(n, v, k):
     odd[-1, v // 3] = 1.0  # a row with one finite value: its top k is mostly -inf
     cases.append(odd)
     for x in cases:
-        got, want = topk_values(x, k), x.topk(k, dim=-1).values
+        got, want = topk_logits(x, k).values, x.topk(k, dim=-1).values
         assert got.shape == want.shape
         assert torch.equal(got.nan_to_num(9.0), want.nan_to_num(9.0))
 

@@ -268,7 +268,7 @@ class Engine:
             self._end(r)
 
     # ------------------------------------------------------------------ one step
-    @torch.no_grad()
+    @torch.inference_mode()  # (not just no_grad: no view/version tracking, ~1 us less per op on the many small ops)
     def step(self) -> list[TokenEvent]:
         """Schedule, decode, prefill, sample, free; returns this step's tokens and finishes (failed
         requests included: finish_reason "error"). Never raises for a request's sake."""

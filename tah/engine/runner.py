@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..decider import topk_logits
 from ..mixture import MixtureState
 from ..model import TaHForCausalLM
 from .kv import BlockPool, PagedBatch
@@ -127,14 +128,19 @@ class ModelRunner:
             soft = (torch.stack([p[0] for p in deep]), torch.stack([p[1] for p in deep]))
             prev = torch.stack([p[2] for p in deep])
         cum, hidden = model.decode_step(ids, depth, self.batch(rows), soft, prev)
-        cont = depth < torch.tensor([r.cap for r in rows], dtype=torch.long, device=dev)
+        # Which rows may go deeper is known here from each row's depth and cap: no device sync to ask.
+        below = [i for i, r in enumerate(rows) if r.next_depth < r.cap]
+        cont = [False] * len(rows)
         top = None
-        if bool(cont.any()):
-            top = cum.topk(model.topk, dim=-1)
+        if below:  # (over every row: gathering the few rows at their cap out would copy more than it saves)
+            top = topk_logits(cum, model.topk)  # the decider's input, and the soft input of the rows going on
+            go = [True] * len(rows)  # always_think: every row below its cap
             if self.policy == "decider":  # each request's threshold
-                cont &= model.goes_deeper(model.decider(hidden, top.values), self._thr(thresholds))
+                go = model.goes_deeper(model.decider(hidden, top.values), self._thr(thresholds)).tolist()
+            for i in below:
+                cont[i] = go[i]
         done = []
-        for i, (r, c) in enumerate(zip(rows, cont.tolist())):
+        for i, (r, c) in enumerate(zip(rows, cont)):
             if c:
                 self.pending[r.rid] = (top.values[i], top.indices[i], cum[i])
                 r.next_depth += 1
