@@ -124,14 +124,19 @@ def kv_per_token(eng, ps, sp) -> tuple[float, float, float, float, float]:
     return m(samples), m(depths), m(held), m(floor), d_all
 
 
-def decode_tps(eng, ps, sp) -> float:
-    """Generated tokens per second of decode steps (the prefill step excluded)."""
+def decode_tps(eng, ps, sp, share: list | None = None) -> float:
+    """Generated tokens per second of decode steps (the prefill step excluded); `share` (a list) gets
+    the share of those tokens that ran deeper than depth 1 appended."""
     for p in ps:
         eng.add_request(p, sp)
     eng.step()
-    n, t0 = 0, time.perf_counter()
+    n, deep, t0 = 0, 0, time.perf_counter()
     while eng.has_work():
-        n += sum(1 for e in eng.step() if e.token_id >= 0)
+        ev = [e for e in eng.step() if e.token_id >= 0]
+        n += len(ev)
+        deep += sum(1 for e in ev if e.depth > 1)
+    if share is not None:
+        share.append(deep / max(n, 1))
     return n / (time.perf_counter() - t0)
 
 
@@ -203,10 +208,11 @@ def main() -> None:
     for b in (1, 8):
         pb = prompts(b, args.prompt_len, V, seed=3)
         ts = decode_tps(Engine(std, cfg(max_num_seqs=b, depth_policy="standard")), pb, greedy)
-        tt = decode_tps(Engine(v1, cfg(max_num_seqs=b, threshold=thr)), pb, greedy)
+        sh: list[float] = []
+        tt = decode_tps(Engine(v1, cfg(max_num_seqs=b, threshold=thr)), pb, greedy, sh)
         to = decode_tps(today.Engine(v1, today.EngineConfig(max_num_seqs=b, max_model_len=L, threshold=thr)), pb, greedy)
         rows.append((f"decode tok/s TaH ÷ Standard (v2), batch {b}", "0.73 / 0.65", f"{tt / ts:.2f} "
-                     f"(TaH v2 ÷ TaH today {tt / to:.2f})", "≥ 0.92 / 0.85"))
+                     f"(iterated {sh[0]:.1%}, static greedy batch; TaH v2 ÷ TaH today {tt / to:.2f})", "≥ 0.92 / 0.85"))
 
     # TTFT with a shared prefix: hit vs miss.
     pre = prompts(1, args.prefix, V, seed=4)[0]
