@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run demo test test-slow test-real test-lm-eval real-model real-run bench gpu-check clean
+.PHONY: install run demo test test-slow test-real test-lm-eval real-model real-run seeds bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,16 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(PY) jobs/experiment.py
+
+# The embedded default over >= 5 seeds, and TaH2 at M = 4 beside them (~10 min per run on 2 CPUs: ~1.5 h):
+# accuracy +- standard error against decoding cost in runs/tiny-seeds/ and runs/tiny-m4-seeds/ (seeds.md, .png)
+SEEDS ?= 0 1 2 3 4
+seeds: $(STAMP)
+	for s in $(SEEDS); do $(PY) jobs/experiment.py seed=$$s output=runs/tiny-seed$$s || exit 1; done
+	for s in $(SEEDS); do $(PY) jobs/experiment.py seed=$$s output=runs/tiny-m4-seed$$s "methods=[tah2]" \
+		tah2.max_depth=4 reference_model=runs/tiny-seed$$s/train/standard/standard/model || exit 1; done
+	$(PY) -m tah.eval.cost_plot $(foreach s,$(SEEDS),runs/tiny-seed$(s)/results.json) --out runs/tiny-seeds
+	$(PY) -m tah.eval.cost_plot $(foreach s,$(SEEDS),runs/tiny-m4-seed$(s)/results.json) --out runs/tiny-m4-seeds
 
 demo: $(STAMP)
 	$(PY) -m tah.demo

@@ -121,7 +121,7 @@ def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[d
         for dom in ("math", "code", "science"):
             rs = [r for r in recs if f"/{dom}/" in r["id"]]
             per[dom] = sum(r["correct"] for r in rs) / len(rs) if rs else float("nan")
-        row = {"method": name, "accuracy": s["accuracy"], **per, "parameters": s["parameters"],
+        row = {"method": name, "accuracy": s["accuracy"], **per, "problems": len(recs), "parameters": s["parameters"],
                "pct_iterated": s["pct_iterated"], "avg_depth": s["avg_depth"], "output_tokens": s["output_tokens"],
                "decode_tokens_per_s": s["tokens_per_s"], "checkpoint": finals[name]}
         ana = out / "eval" / name / "analysis" / "analysis.json"
@@ -134,11 +134,7 @@ def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[d
 
 
 def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: float, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from tah.eval.cost_plot import plot, points
     from tah.eval.harness import markdown_table
 
     cols = ("method", "accuracy", "math", "code", "science", "parameters", "pct_iterated", "avg_depth",
@@ -153,18 +149,13 @@ def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: fl
     if tok_rows:
         md += ["Teacher-forced next-token accuracy on the labelled validation set (oracle policy = upper bound):", "",
                markdown_table(tok_rows, tok_cols)]
+    md += ["", "`results.png`: accuracy against decoding cost (average depth, decode tokens/s), one point per "
+           "method, error bars the binomial standard error over the problems; per-domain bars on the right. "
+           "Over seeds: `python -m tah.eval.cost_plot <runs>/results.json --out DIR`."]
     (out / "results.md").write_text("\n".join(md))
     (out / "results.json").write_text(json.dumps({"seed": cfg.seed, "seconds": seconds, "rows": rows}, indent=2) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = [r["method"] for r in rows]
-    for i, dom in enumerate(("accuracy", "math", "code", "science")):
-        ax.bar([j + 0.2 * i for j in range(len(rows))], [r[dom] for r in rows], width=0.2, label=dom)
-    ax.set_xticks([j + 0.3 for j in range(len(rows))], names)
-    ax.set_ylabel("pass@1")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=120)
-    plt.close(fig)
+    plot(points([rows]), out / "results.png", f"seed {cfg.seed}, {rows[0]['problems'] if rows else 0} problems; "
+         "error bars: binomial s.e.", domains=rows)
 
 
 def _check_base(base: str) -> None:

@@ -1,0 +1,50 @@
+"""The accuracy-vs-cost points (tah/eval/cost_plot.py) against the statistics written out by hand: the
+mean and the standard error of the mean across seeds, the binomial error of a single run, methods that
+appear in some runs only; and the command's files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tah.eval.cost_plot import main, points
+
+
+def _row(method: str, acc: float, depth: float, tps: float, problems: int = 150) -> dict:
+    return {"method": method, "accuracy": acc, "avg_depth": depth, "decode_tokens_per_s": tps,
+            "pct_iterated": 100 * (depth - 1), "problems": problems}
+
+
+def test_points_over_seeds_are_mean_and_standard_error():
+    runs = [[_row("standard", 0.70, 1.0, 3000), _row("tah_plus", 0.72, 1.04, 2000)],
+            [_row("standard", 0.66, 1.0, 3200), _row("tah_plus", 0.74, 1.05, 2100)],
+            [_row("standard", 0.68, 1.0, 3100)]]
+    pts = {p["method"]: p for p in points(runs)}
+    assert [p["method"] for p in points(runs)] == ["standard", "tah_plus"]
+    s = pts["standard"]
+    mean = (0.70 + 0.66 + 0.68) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in (0.70, 0.66, 0.68)) / 2)  # sample sd (n - 1)
+    assert s["runs"] == 3 and s["accuracy"] == pytest.approx(mean)
+    assert s["accuracy_err"] == pytest.approx(sd / math.sqrt(3))
+    assert s["decode_tokens_per_s"] == pytest.approx(3100) and s["decode_tokens_per_s_err"] == pytest.approx(100 / math.sqrt(3))
+    t = pts["tah_plus"]  # only in two runs
+    assert t["runs"] == 2 and t["avg_depth"] == pytest.approx(1.045)
+    assert t["avg_depth_err"] == pytest.approx(abs(1.05 - 1.04) / math.sqrt(2) / math.sqrt(2))
+
+
+def test_one_run_has_the_binomial_error_of_its_problems():
+    (p,) = points([[_row("tah", 0.3, 1.04, 2500, problems=50)]])
+    assert p["accuracy_err"] == pytest.approx(math.sqrt(0.3 * 0.7 / 50))
+    assert p["avg_depth_err"] == 0.0
+
+
+def test_command_writes_table_json_and_figure(tmp_path):
+    for seed, acc in ((0, 0.6), (1, 0.7)):
+        (tmp_path / f"r{seed}.json").write_text(json.dumps({"seed": seed, "rows": [_row("standard", acc, 1.0, 3000)]}))
+    main([str(tmp_path / "r0.json"), str(tmp_path / "r1.json"), "--out", str(tmp_path / "agg")])
+    doc = json.loads((tmp_path / "agg" / "seeds.json").read_text())
+    assert doc["seeds"] == [0, 1] and doc["points"][0]["accuracy"] == pytest.approx(0.65)
+    assert "| standard | 2 | 0.650 ± 0.050 |" in (tmp_path / "agg" / "seeds.md").read_text()
+    assert (tmp_path / "agg" / "seeds.png").stat().st_size > 5000
