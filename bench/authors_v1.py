@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine import DIMS  # noqa: E402
+from engine import DIMS, v1_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTHORS_URL = "https://github.com/thu-nics/TaH"
@@ -99,17 +99,11 @@ def ensure_authors_repo(path: Path) -> Path:
 def build(size: str, seed: int = 0):
     """bench/engine.py's random TaH v1 model (its build(), for any SIZES shape): a random Qwen3, LoRA
     r=16 with random B, decider width 64 x 2 blocks, max depth 2."""
-    from tah import TaHConfig, TaHForCausalLM
-    from tah.config import DeciderSettings, LoraSettings
-    from tah.testing import randomize_lora, tiny_qwen3
+    from tah.testing import tiny_qwen3
 
     hf = tiny_qwen3(**SIZES[size], initializer_range=0.02)
     torch.manual_seed(seed)
-    model = TaHForCausalLM.from_backbone(hf, TaHConfig(max_depth=2, lora=LoraSettings(r=16, alpha=32, dropout=0.0),
-                                                       decider=DeciderSettings(width=64, blocks=2, dropout=0.0)))
-    model.eval()
-    randomize_lora(model, scale=0.05)
-    return model
+    return v1_model(hf)
 
 
 def calibrate(model, prompts: list[list[int]], new_tokens: int, share: float, tries: int = 4) -> tuple[float, float]:

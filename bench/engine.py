@@ -43,10 +43,24 @@ LLAMA_DIMS = {"smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_layers
                                    intermediate_size=1536)}
 
 
-def build(args: argparse.Namespace):
+def v1_model(hf: torch.nn.Module):
+    """The benchmarks' TaH v1 model over a backbone: max depth 2, LoRA r 16 (alpha 32) with random B
+    (scale 0.05), decider 64 wide x 2 blocks, eval mode. Seeding is the caller's (bench/engine_v2.py and
+    bench/authors_v1.py build the same model)."""
     from tah import TaHConfig, TaHForCausalLM
     from tah.config import DeciderSettings, LoraSettings
-    from tah.testing import randomize_lora, tiny_qwen3
+    from tah.testing import randomize_lora
+
+    model = TaHForCausalLM.from_backbone(hf, TaHConfig(max_depth=2, lora=LoraSettings(r=16, alpha=32, dropout=0.0),
+                                                       decider=DeciderSettings(width=64, blocks=2, dropout=0.0)))
+    model.eval()
+    randomize_lora(model, scale=0.05)
+    return model
+
+
+def build(args: argparse.Namespace):
+    from tah import TaHForCausalLM
+    from tah.testing import tiny_qwen3
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -73,10 +87,7 @@ def build(args: argparse.Namespace):
         hf = tiny_qwen3(**dims, initializer_range=0.02).to(dev, dtype)
     ref = copy.deepcopy(hf)
     torch.manual_seed(0)
-    model = TaHForCausalLM.from_backbone(hf, TaHConfig(max_depth=2, lora=LoraSettings(r=16, alpha=32, dropout=0.0),
-                                                       decider=DeciderSettings(width=64, blocks=2, dropout=0.0)))
-    model.eval()
-    randomize_lora(model, scale=0.05)
+    model = v1_model(hf)
     ids = torch.randint(3, dims["vocab_size"], (4, 64), device=dev)
     with torch.no_grad():  # calibrate: the (1 - share) quantile of the decider's probabilities
         probs = torch.sigmoid(model(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0].float())

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine import DIMS  # noqa: E402
+from engine import DIMS, v1_model  # noqa: E402
 
 TODAY_COMMIT = "4bbe038"  # the branch point: the last commit with tah/engine.py (the preallocated engine)
 
@@ -55,15 +55,11 @@ def today_engine_module():
 
 def build(size: str, share: float, prompt_len: int, new_tokens: int):
     from tah import TaHConfig, TaHForCausalLM
-    from tah.config import DeciderSettings, LoraSettings
-    from tah.testing import randomize_lora, tiny_qwen3
+    from tah.testing import tiny_qwen3
 
     dims = DIMS[size]
     torch.manual_seed(0)
-    v1 = TaHForCausalLM.from_backbone(tiny_qwen3(**dims, initializer_range=0.02), TaHConfig(
-        max_depth=2, lora=LoraSettings(r=16, alpha=32, dropout=0.0), decider=DeciderSettings(width=64, blocks=2,
-                                                                                            dropout=0.0))).eval()
-    randomize_lora(v1, scale=0.05)
+    v1 = v1_model(tiny_qwen3(**dims, initializer_range=0.02))
     thr = calibrate_decode(v1, prompts(8, prompt_len, dims["vocab_size"]), new_tokens, share)
     ids = torch.randint(3, dims["vocab_size"], (4, 64))
     tah2 = TaHForCausalLM.from_backbone(tiny_qwen3(**dims, initializer_range=0.02), TaHConfig.tah2(max_depth=4)).eval()

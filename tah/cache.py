@@ -20,7 +20,6 @@ Try it: python -m tah.demo
 from __future__ import annotations
 
 from collections import Counter
-
 from typing import Callable
 
 import torch
