@@ -111,16 +111,18 @@ def _train(cfg: ExperimentConfig, name: str, labels: str) -> dict[str, str]:
 
 
 def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[dict[str, Any]],
-                  out: Path) -> list[dict[str, Any]]:
-    """One row per method: accuracy overall and per domain, parameters, % iterated, depth, tokens/s."""
-    rows = []
+                  out: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per method: accuracy overall and per domain, parameters, % iterated, depth, tokens/s;
+    and the domains (first-seen order)."""
+    rows, domains = [], []
     for s in summary:
         name = s["model"]
         recs = [json.loads(x) for x in (out / "eval" / name / f"{s['benchmark']}.jsonl").read_text().splitlines()]
-        per = {}
-        for dom in ("math", "code", "science"):
-            rs = [r for r in recs if f"/{dom}/" in r["id"]]
-            per[dom] = sum(r["correct"] for r in rs) / len(rs) if rs else float("nan")
+        per, doms = {}, domains_of(recs)
+        domains += [d for d in doms if d not in domains]
+        for dom in doms:
+            rs = [r for r in recs if r["id"].split("/")[1] == dom]
+            per[dom] = sum(r["correct"] for r in rs) / len(rs)
         row = {"method": name, "accuracy": s["accuracy"], **per, "problems": len(recs), "parameters": s["parameters"],
                "pct_iterated": s["pct_iterated"], "avg_depth": s["avg_depth"], "output_tokens": s["output_tokens"],
                "decode_tokens_per_s": s["tokens_per_s"], "checkpoint": finals[name]}
@@ -130,14 +132,20 @@ def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[d
             row.update({"token_acc_depth1": a["accuracy"]["depth1"], "token_acc_decider": a["accuracy"]["decider"],
                         "token_acc_oracle": a["accuracy"]["oracle"]})
         rows.append(row)
-    return rows
+    return rows, domains
 
 
-def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: float, out: Path) -> None:
+def domains_of(recs: list[dict[str, Any]]) -> list[str]:
+    """The task's domains in first-seen order, from the records' ids (`<benchmark>/<domain>/<i>`)."""
+    return list(dict.fromkeys(r["id"].split("/")[1] for r in recs if r["id"].count("/") >= 2))
+
+
+def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: float, out: Path,
+                  domains: list[str]) -> None:
     from tah.eval.cost_plot import plot, points
     from tah.eval.harness import markdown_table
 
-    cols = ("method", "accuracy", "math", "code", "science", "parameters", "pct_iterated", "avg_depth",
+    cols = ("method", "accuracy", *domains, "parameters", "pct_iterated", "avg_depth",
             "output_tokens", "decode_tokens_per_s")
     tok_cols = ("method", "token_acc_depth1", "token_acc_decider", "token_acc_oracle")
     md = [f"# Results: {cfg.output} (seed {cfg.seed}, {seconds / 60:.1f} min)", "",
@@ -153,9 +161,54 @@ def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: fl
            "method, error bars the binomial standard error over the problems; per-domain bars on the right. "
            "Over seeds: `python -m tah.eval.cost_plot <runs>/results.json --out DIR`."]
     (out / "results.md").write_text("\n".join(md))
-    (out / "results.json").write_text(json.dumps({"seed": cfg.seed, "seconds": seconds, "rows": rows}, indent=2) + "\n")
-    plot(points([rows]), out / "results.png", f"seed {cfg.seed}, {rows[0]['problems'] if rows else 0} problems; "
-         "error bars: binomial s.e.", domains=rows)
+    (out / "results.json").write_text(json.dumps({"seed": cfg.seed, "seconds": seconds, "domains": domains,
+                                                  "rows": rows}, indent=2) + "\n")
+    plot(points([rows], tuple(domains)), out / "results.png", f"seed {cfg.seed}, "
+         f"{rows[0]['problems'] if rows else 0} problems; error bars: binomial s.e. (overall only)", tuple(domains))
+
+
+INPUTS_NAME = "experiment.json"
+
+
+def _files(path: str) -> Any:
+    """A local directory's files, each by storage.file_tag (size + SHA-256); other inputs (hub ids,
+    s3:// prefixes, single files) by name."""
+    from tah import storage
+
+    if storage.is_s3(path) or not Path(path).is_dir():
+        return path
+    root = Path(path)
+    return {f.relative_to(root).as_posix(): storage.file_tag(f) for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def inputs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the stages under `output` are made from: the base model, source and tokenizer (their files'
+    digests when local), the reference, the seed and the label / train / TaH2 settings. The methods and
+    the evaluation are not in it: adding a method or re-evaluating reuses what is finished."""
+    from tah.config import to_dict
+
+    return {"base_model": _files(cfg.base_model), "source": _files(cfg.source), "tokenizer": _files(cfg.tokenizer),
+            "reference_model": cfg.reference_model, "seed": cfg.seed, "label": to_dict(cfg.label),
+            "train": to_dict(cfg.train), "tah2": to_dict(cfg.tah2)}
+
+
+def claim_output(cfg: ExperimentConfig) -> None:
+    """Record `inputs(cfg)` in a fresh output, or check a rerun's against it. Finished stages are resumed
+    by name, so without this a rerun after the base model, the task or a setting changed would table
+    checkpoints made from the old ones as if they were new."""
+    from tah import storage
+
+    ident = inputs(cfg)
+    uri = storage.join(cfg.output, INPUTS_NAME)
+    if storage.create_exclusive(uri, (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode()):
+        return
+    before = json.loads(storage.read_bytes(uri))
+    if before == ident:
+        return
+    diff = sorted(k for k in set(before) | set(ident) if before.get(k) != ident.get(k))
+    raise SystemExit(f"{cfg.output} holds an experiment made from other inputs ({', '.join(diff)} changed since "
+                     f"it started, see its {INPUTS_NAME}); its finished stages would be reused as they are: "
+                     "pass a new output= (or remove that directory)")
 
 
 def _check_base(base: str) -> None:
@@ -178,6 +231,7 @@ def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     if not storage.is_s3(cfg.output):
         cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).resolve()))
     _check_base(cfg.base_model)
+    claim_output(cfg)
     finals: dict[str, str] = {}
     if "standard" in cfg.methods or not cfg.reference_model:
         sft_data = _label(cfg, cfg.base_model, storage.join(cfg.output, "sft-data"))
@@ -203,8 +257,8 @@ def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
         hard = report_for(labels, cfg.tokenizer)  # which tokens the reference gets wrong, by kind
         (out / "hard_tokens.json").write_text(json.dumps(hard, indent=2) + "\n")
         (out / "hard_tokens.md").write_text(report_markdown(hard, f"Hard tokens of {labels}"))
-        rows = results_table(cfg, finals, summary, out)
-        write_results(cfg, rows, time.time() - t0, out)
+        rows, domains = results_table(cfg, finals, summary, out)
+        write_results(cfg, rows, time.time() - t0, out, domains)
         print((out / "results.md").read_text(), flush=True)
     if storage.is_s3(cfg.output):
         print(f"[experiment] evaluation and results uploaded to {cfg.output}", flush=True)

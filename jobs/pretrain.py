@@ -11,6 +11,7 @@ The exact command and config are recorded in `<output>/pretrain.json` beside the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -28,12 +29,14 @@ class PretrainConfig:
     source: str = field(default_factory=shipped_task)
     tokenizer: str = field(default_factory=shipped_tokenizer)
     output: str = field(default_factory=shipped_base_model)
-    hidden_size: int = 128
-    num_layers: int = 4
+    # 8 narrow layers (~0.9 M parameters with the embedding): deep enough that pruning one layer is an
+    # eighth of the model, not a quarter, and that depth-bound tokens have layers to spend.
+    hidden_size: int = 96
+    num_layers: int = 8
     num_heads: int = 4
     num_kv_heads: int = 2
-    head_dim: int = 32
-    intermediate_size: int = 384
+    head_dim: int = 24
+    intermediate_size: int = 256
     seq_len: int = 256
     batch: int = 16
     steps: int = 2400
@@ -53,6 +56,23 @@ def texts(source: str) -> list[str]:
     if not out:
         raise SystemExit(f"no */train-*.jsonl under {source}")
     return out
+
+
+def data_sha256(source: str) -> str:
+    """One digest over the training files read (sorted paths relative to `source`, then bytes), so the
+    record says which data made the weights."""
+    h = hashlib.sha256()
+    for f in sorted(Path(source).glob("*/train-*.jsonl")):
+        h.update(f.relative_to(source).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _shown(path: str) -> str:
+    """A path as the record shows it: relative to the repository when inside it (the shipped assets),
+    so the record does not carry one machine's directories."""
+    root = Path(__file__).resolve().parents[1]
+    p = Path(path).resolve()
+    return p.relative_to(root).as_posix() if p.is_relative_to(root) else path
 
 
 def run(cfg: PretrainConfig, argv: list[str]) -> dict:
@@ -101,7 +121,9 @@ def run(cfg: PretrainConfig, argv: list[str]) -> dict:
     tok.save_pretrained(out)
     from dataclasses import asdict
 
-    record = {"command": "python jobs/pretrain.py " + " ".join(argv), "config": asdict(cfg),
+    shown = {**asdict(cfg), **{k: _shown(getattr(cfg, k)) for k in ("source", "tokenizer", "output")}}
+    record = {"command": " ".join(["python jobs/pretrain.py", *argv]), "config": shown,
+              "data_sha256": data_sha256(cfg.source),
               "parameters": sum(p.numel() for p in model.parameters()), "tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,
               "final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": round(time.time() - t0, 1),
               "torch": torch.__version__}

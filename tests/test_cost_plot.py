@@ -42,9 +42,18 @@ def test_one_run_has_the_binomial_error_of_its_problems():
 
 def test_command_writes_table_json_and_figure(tmp_path):
     for seed, acc in ((0, 0.6), (1, 0.7)):
-        (tmp_path / f"r{seed}.json").write_text(json.dumps({"seed": seed, "rows": [_row("standard", acc, 1.0, 3000)]}))
+        row = {**_row("standard", acc, 1.0, 3000), "mental": acc / 2}
+        (tmp_path / f"r{seed}.json").write_text(json.dumps({"seed": seed, "domains": ["mental"], "rows": [row]}))
     main([str(tmp_path / "r0.json"), str(tmp_path / "r1.json"), "--out", str(tmp_path / "agg")])
     doc = json.loads((tmp_path / "agg" / "seeds.json").read_text())
     assert doc["seeds"] == [0, 1] and doc["points"][0]["accuracy"] == pytest.approx(0.65)
-    assert "| standard | 2 | 0.650 ± 0.050 |" in (tmp_path / "agg" / "seeds.md").read_text()
+    assert "| standard | 2 | 0.650 ± 0.050 | 0.325 ± 0.025 |" in (tmp_path / "agg" / "seeds.md").read_text()
+    assert doc["domains"] == ["mental"]
     assert (tmp_path / "agg" / "seeds.png").stat().st_size > 5000
+
+
+def test_domain_accuracy_is_averaged_with_its_own_error():
+    a, b = _row("standard", 0.6, 1.0, 3000), _row("standard", 0.7, 1.0, 3100)
+    a["mental"], b["mental"] = 0.30, 0.50
+    (p,) = points([[a], [b]], ("mental",))
+    assert p["mental"] == pytest.approx(0.40) and p["mental_err"] == pytest.approx(math.sqrt(2 * 0.1 ** 2) / math.sqrt(2))  # sample sd / sqrt(n)

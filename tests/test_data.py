@@ -164,7 +164,7 @@ def test_shipped_task_regenerates_byte_identically(tmp_path):
     shipped = Path(shipped_task())
     for rel, digest in hashes.items():
         assert hashlib.sha256((shipped / rel).read_bytes()).hexdigest() == digest, rel
-    assert len(hashes) == 12
+    assert len(hashes) == 15  # 4 domains x 3 splits + the tokenizer's 3 files
 
 
 def test_shipped_task_is_checkable_and_disjoint():
@@ -189,6 +189,28 @@ def test_shipped_task_is_checkable_and_disjoint():
                     exec(t, scope)  # noqa: S102
             else:
                 assert f"\\boxed{{{r['answer']}}}" in text
+
+
+def test_mental_answers_are_emitted_without_working():
+    """The positive control is depth-bound by construction: the expression's value (computed here by
+    Python's own parser) is the answer, and the response carries no digit but the answer's, so no
+    written step can hold an intermediate value."""
+    import ast
+    import re
+
+    rows = [json.loads(l) for l in open(Path(shipped_task()) / "mental" / "test-00000-of-00001.jsonl")]
+    assert len(rows) == 200
+    ops = set()
+    for r in rows:
+        q, a = r["messages"][0]["content"], r["messages"][1]["content"]
+        expr = re.fullmatch(r"Compute (.+) in your head and give only the result\.", q).group(1)
+        tree = ast.parse(expr, mode="eval")
+        ops |= {type(n.op).__name__ for n in ast.walk(tree) if isinstance(n, ast.BinOp)}
+        assert sum(isinstance(n, ast.BinOp) for n in ast.walk(tree)) == 2  # two chained operations
+        assert all(0 <= n.value <= 9 for n in ast.walk(tree) if isinstance(n, ast.Constant))
+        assert r["answer"] == str(eval(compile(tree, "<q>", "eval")))  # noqa: S307 - our own arithmetic
+        assert re.findall(r"-?\d+", a) == [r["answer"]]
+    assert ops == {"Add", "Sub", "Mult"}
 
 
 def test_every_shipped_recipe_parses():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +24,13 @@ def test_shipped_base_model_and_its_record():
     model = AutoModelForCausalLM.from_pretrained(base)
     assert model.config.model_type == "qwen3"
     assert sum(p.numel() for p in model.parameters()) == rec["parameters"]
+    # made from the shipped task as it is now (regenerate the task and this changes: pretrain again)
+    from jobs.pretrain import data_sha256
+    from tah.assets import shipped_task
+
+    assert rec["data_sha256"] == data_sha256(shipped_task())
+    # deep enough that pruning one layer is an eighth of the model, not a quarter
+    assert model.config.num_hidden_layers == rec["config"]["num_layers"] >= 8
     assert (base / "model.safetensors").stat().st_size < 8 * 2**20
 
 
@@ -67,3 +76,23 @@ def test_short_experiment_produces_every_artifact(ray_local, tmp_path):
     tah2 = TaHForCausalLM.from_pretrained(by["tah2"]["checkpoint"]).config
     assert (tah2.input_rule, tah2.combine, tah2.max_depth) == ("updater", "stop_prob_mix", 2)
     assert by["standard"]["parameters"] < by["tah_plus"]["parameters"]
+    # A rerun into the same output with other inputs is refused before any stage (here: another seed).
+    with pytest.raises(SystemExit, match=r"other inputs \(seed changed"):
+        run(dataclasses.replace(cfg, seed=1))
+
+
+def test_inputs_follow_the_base_model_files(tmp_path):
+    import shutil
+
+    from jobs.experiment import ExperimentConfig, inputs
+
+    base = tmp_path / "base"
+    shutil.copytree(shipped_base_model(), base)
+    cfg = ExperimentConfig(base_model=str(base), output=str(tmp_path / "out"))
+    before = inputs(cfg)
+    assert before["base_model"]["model.safetensors"].endswith(
+        hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest())
+    with open(base / "config.json", "a") as f:
+        f.write(" ")
+    after = inputs(cfg)
+    assert after["base_model"] != before["base_model"] and after["source"] == before["source"]

@@ -1,11 +1,14 @@
 """The shipped offline reasoning task, in Open-R1 Mixture-of-Thoughts format, and its tokenizer.
 
 No hub is reachable in CI, so the embedded default trains on this: three domains mirroring
-Mixture-of-Thoughts' math / code / science, each with a checkable answer.
+Mixture-of-Thoughts' math / code / science, and a fourth, the positive control, each with a checkable answer.
 
 - math     multi-step integer arithmetic; the working inside <think>...</think>, then \\boxed{n}.
 - code     tiny Python functions; the answer is a ```python block, checked by the row's `tests`.
 - science  multiple choice built from rules (speed, density, Ohm's law, ...); answered \\boxed{B}.
+- mental   the positive control: a chain of operations on one-digit operands whose result is emitted
+           *directly* (the think block is a fixed sentence), so its digits must be computed inside one
+           forward pass -- the hard tokens are depth-bound by construction, the rest is template.
 
 Most tokens are template (easy); the results of operations are genuinely hard for a small model.
 Difficulty is set by `--steps`, `--math-digits` and `--digits` (defaults: 1-2 operations on 1-digit
@@ -27,7 +30,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable
 
-DOMAINS = ("math", "code", "science")
+DOMAINS = ("math", "code", "science", "mental")
 SPLITS = {"train": 2000, "validation": 100, "test": 200}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]
@@ -141,15 +144,37 @@ def make_science(rng: random.Random, steps: int, digits: int) -> dict[str, Any]:
             "answer_text": f"The answer is $\\boxed{{{letter}}}$.", "answer": letter, "tests": []}
 
 
-MAKERS = {"math": make_math, "code": make_code, "science": make_science}
+# -------------------------------------------------------------------------------------- mental
+MENTAL_THINK = "Mental arithmetic: the result is given without written working."
+
+
+def make_mental(rng: random.Random, steps: int, digits: int) -> dict[str, Any]:
+    """`steps` operations on one-digit operands, innermost first, e.g. ((7 - 3) * 4 + 5); the answer's
+    digits follow a fixed sentence, so no written step can carry the intermediate values: the model
+    must hold them in its layers. Products are kept to small values so that every step matters."""
+    value = rng.randint(2, 9)
+    expr = str(value)
+    for i in range(steps):
+        op = rng.choice("+-*" if abs(value) < 20 else "+-")
+        b = rng.randint(2, 9)
+        value = _OPS[op](value, b)
+        expr = f"({expr} {op} {b})" if i < steps - 1 else f"{expr} {op} {b}"
+    return {"question": f"Compute {expr} in your head and give only the result.", "think": MENTAL_THINK,
+            "answer_text": f"The answer is $\\boxed{{{value}}}$.", "answer": str(value), "tests": []}
+
+
+MAKERS = {"math": make_math, "code": make_code, "science": make_science, "mental": make_mental}
 
 
 def generate(seed: int = 0, steps: int = 2, digits: int = 2, sizes: dict[str, int] | None = None,
-             math_digits: int | None = 1) -> dict[str, dict[str, list[dict[str, Any]]]]:
+             math_digits: int | None = 1, mental_steps: int = 2) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """{domain: {split: rows}} with no question shared between splits (deduplicated on the text).
     `math_digits` (None or 0: `digits`) sets the math operands apart from code and science, whose
-    question pools need 2 digits to hold enough distinct questions."""
+    question pools need 2 digits to hold enough distinct questions; `mental_steps` is the number of
+    operations the mental family chains (its operands are always one digit)."""
     sizes = sizes or SPLITS
+    difficulty = {"math": (steps, math_digits or digits), "code": (steps, digits), "science": (steps, digits),
+                  "mental": (mental_steps, 1)}
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for d_i, domain in enumerate(DOMAINS):
         rng = random.Random(seed * 1000 + d_i)
@@ -158,11 +183,12 @@ def generate(seed: int = 0, steps: int = 2, digits: int = 2, sizes: dict[str, in
         for split in ("test", "validation", "train"):  # held-out splits first: they get first pick
             rows, misses = [], 0
             while len(rows) < sizes[split]:
-                ex = MAKERS[domain](rng, steps, (math_digits or digits) if domain == "math" else digits)
+                ex = MAKERS[domain](rng, *difficulty[domain])
                 if ex["question"] in seen:
                     misses += 1
                     if misses > 100 * sizes[split]:
-                        raise ValueError(f"{domain}: too few distinct questions at steps={steps}, digits={digits}")
+                        raise ValueError(f"{domain}: too few distinct questions at (steps, digits) = "
+                                         f"{difficulty[domain]}")
                     continue
                 seen.add(ex["question"])
                 rows.append({
@@ -201,11 +227,11 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def build(out: Path, seed: int = 0, steps: int = 2, digits: int = 2, vocab_size: int = 2048,
-          math_digits: int | None = 1) -> dict[str, str]:
+          math_digits: int | None = 1, mental_steps: int = 2) -> dict[str, str]:
     """Write the task and tokenizer under `out`; return {relative path: sha256} of every file."""
     from jinja2 import Template
 
-    data = generate(seed, steps, digits, math_digits=math_digits)
+    data = generate(seed, steps, digits, math_digits=math_digits, mental_steps=mental_steps)
     render = Template(CHAT_TEMPLATE).render  # train on the rendered chats, so template words get tokens
     train_texts = [render(messages=r["messages"]) for d in DOMAINS for r in data[d]["train"]]
     tokenizer = train_tokenizer(train_texts, vocab_size)
@@ -227,9 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2, help="operations per math problem (difficulty)")
     ap.add_argument("--digits", type=int, default=2, help="digits per operand (difficulty)")
     ap.add_argument("--math-digits", type=int, default=1, help="digits per math operand (0: as --digits)")
+    ap.add_argument("--mental-steps", type=int, default=2, help="operations per mental problem (depth needed)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     args = ap.parse_args(argv)
-    hashes = build(Path(args.out), args.seed, args.steps, args.digits, args.vocab_size, args.math_digits)
+    hashes = build(Path(args.out), args.seed, args.steps, args.digits, args.vocab_size, args.math_digits,
+                   args.mental_steps)
     for path, digest in hashes.items():
         print(f"{digest[:16]}  {path}")
 

@@ -98,7 +98,7 @@ def _mbpp(r: dict, bench: str, i: int) -> Problem:
 
 def _tinytask(r: dict, bench: str, i: int) -> Problem:
     domain = r["source"].split("/")[-1]
-    kind = {"math": "math", "science": "choice", "code": "code"}[domain]
+    kind = {"math": "math", "mental": "math", "science": "choice", "code": "code"}[domain]
     return Problem(f"{bench}/{domain}/{i}", bench, kind, r["messages"][0]["content"], r["answer"],
                    list(r.get("tests") or []))
 
@@ -163,10 +163,10 @@ def load_benchmark(name: str, source: str | None = None, limit: int | None = Non
             break
         out.append(spec.convert(r, name, i))
     if name == "tinytask" and limit is not None:  # an even share of each domain, interleaved
-        by_kind: dict[str, list[Problem]] = {}
-        for p in out:
-            by_kind.setdefault(p.kind, []).append(p)
-        mixed = [p for group in zip(*by_kind.values()) for p in group]
+        by_domain: dict[str, list[Problem]] = {}
+        for p in out:  # ids are tinytask/<domain>/<i>
+            by_domain.setdefault(p.id.split("/")[1], []).append(p)
+        mixed = [p for group in zip(*by_domain.values()) for p in group]
         out = mixed[:limit]
     if not out:
         raise ValueError(f"{name}: no problems read from {source or spec.hub_id}")

@@ -28,9 +28,10 @@ def _sem(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
-def points(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def points(runs: list[list[dict[str, Any]]], domains: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Per method, over the runs it appears in (each run: its results rows): mean and error of accuracy,
-    average depth and tokens/s, the iterated share, and how many runs. Methods keep their first order."""
+    of each of `domains`' accuracy (a row key each), average depth and tokens/s, the iterated share,
+    and how many runs. Methods keep their first order."""
     order: list[str] = []
     by: dict[str, list[dict[str, Any]]] = {}
     for rows in runs:
@@ -48,6 +49,10 @@ def points(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         else:  # one run: the binomial error of its problems (none when the count is unknown)
             n = rs[0].get("problems") or 0
             p["accuracy_err"] = math.sqrt(p["accuracy"] * (1 - p["accuracy"]) / n) if n else 0.0
+        for dom in domains:  # per-domain accuracy: mean and s.e. across runs (the targets are per domain)
+            vals = [float(r[dom]) for r in rs if r.get(dom) is not None and not math.isnan(float(r[dom]))]
+            p[dom] = statistics.fmean(vals) if vals else float("nan")
+            p[dom + "_err"] = _sem(vals) if vals else 0.0
         for key, _ in COST_AXES:
             vals = [float(r[key]) for r in rs if r.get(key) is not None]
             p[key] = statistics.fmean(vals) if vals else float("nan")
@@ -57,9 +62,9 @@ def points(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def plot(pts: list[dict[str, Any]], path: Path, title: str, domains: list[dict[str, Any]] | None = None) -> None:
-    """Accuracy vs average depth and vs tokens/s (error bars both ways), plus per-domain bars when
-    `domains` (one run's rows) is given. Written as PNG at `path`."""
+def plot(pts: list[dict[str, Any]], path: Path, title: str, domains: tuple[str, ...] = ()) -> None:
+    """Accuracy vs average depth and vs tokens/s (error bars both ways), plus per-domain bars (with the
+    points' errors) when `domains` is given. Written as PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,11 +86,12 @@ def plot(pts: list[dict[str, Any]], path: Path, title: str, domains: list[dict[s
     axes[0].set_title(title, fontsize=8, loc="left")
     if domains:
         ax = axes[-1]
-        doms = ("accuracy", "math", "code", "science")
+        doms = ("accuracy", *domains)
+        w = 0.8 / len(doms)
         for i, dom in enumerate(doms):
-            ax.bar([j + 0.2 * i for j in range(len(domains))], [r.get(dom, float("nan")) for r in domains],
-                   width=0.2, label=dom)
-        ax.set_xticks([j + 0.3 for j in range(len(domains))], [r["method"] for r in domains], fontsize=7,
+            ax.bar([j + w * i for j in range(len(pts))], [p.get(dom, float("nan")) for p in pts], width=w,
+                   yerr=[p.get(dom + "_err", 0.0) for p in pts], capsize=2, label=dom)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(pts))], [p["method"] for p in pts], fontsize=7,
                       rotation=20)
         ax.set_ylabel("pass@1")
         ax.legend(fontsize=6)
@@ -94,12 +100,14 @@ def plot(pts: list[dict[str, Any]], path: Path, title: str, domains: list[dict[s
     plt.close(fig)
 
 
-def markdown(pts: list[dict[str, Any]]) -> str:
-    lines = ["| method | runs | accuracy ± s.e. | % iterated | avg depth ± s.e. | decode tok/s ± s.e. |",
-             "|---|---|---|---|---|---|"]
+def markdown(pts: list[dict[str, Any]], domains: tuple[str, ...] = ()) -> str:
+    lines = ["| method | runs | accuracy ± s.e. | " + "".join(f"{d} ± s.e. | " for d in domains)
+             + "% iterated | avg depth ± s.e. | decode tok/s ± s.e. |",
+             "|---|---|---|" + "---|" * len(domains) + "---|---|---|"]
     for p in pts:
         lines.append(f"| {p['method']} | {p['runs']} | {p['accuracy']:.3f} ± {p['accuracy_err']:.3f} | "
-                     f"{p['pct_iterated']:.1f} | {p['avg_depth']:.3f} ± {p['avg_depth_err']:.3f} | "
+                     + "".join(f"{p[d]:.3f} ± {p[d + '_err']:.3f} | " for d in domains)
+                     + f"{p['pct_iterated']:.1f} | {p['avg_depth']:.3f} ± {p['avg_depth_err']:.3f} | "
                      f"{p['decode_tokens_per_s']:.0f} ± {p['decode_tokens_per_s_err']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -109,18 +117,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("results", nargs="+", type=Path, help="results.json of each run (one seed each)")
     ap.add_argument("--out", type=Path, required=True, help="directory for seeds.md, seeds.json, seeds.png")
     args = ap.parse_args(argv)
-    runs, seeds = [], []
+    runs, seeds, domains = [], [], []
     for f in args.results:
         doc = json.loads(f.read_text())
         runs.append(doc["rows"])
         seeds.append(doc.get("seed"))
-    pts = points(runs)
+        domains += [d for d in doc.get("domains", []) if d not in domains]
+    pts = points(runs, tuple(domains))
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"{len(runs)} runs (seeds {', '.join(str(s) for s in seeds)}); error bars: s.e. across runs"
-    plot(pts, args.out / "seeds.png", title)
-    (args.out / "seeds.md").write_text(f"# {title}\n\n" + markdown(pts))
-    (args.out / "seeds.json").write_text(json.dumps({"seeds": seeds, "points": pts}, indent=2) + "\n")
-    print(markdown(pts), f"\n-> {args.out}/seeds.{{md,json,png}}", sep="")
+    plot(pts, args.out / "seeds.png", title, tuple(domains))
+    table = markdown(pts, tuple(domains))
+    (args.out / "seeds.md").write_text(f"# {title}\n\n" + table)
+    (args.out / "seeds.json").write_text(json.dumps({"seeds": seeds, "domains": domains, "points": pts},
+                                                    indent=2) + "\n")
+    print(table, f"\n-> {args.out}/seeds.{{md,json,png}}", sep="")
     return pts
 
 
