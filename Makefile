@@ -19,7 +19,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) jobs/experiment.py
 
-# The embedded default over >= 5 seeds, and TaH2 at M = 4 beside them (~10 min per run on 2 CPUs: ~1.5 h):
+# The embedded default over >= 5 seeds, and TaH2 at M = 4 beside them (~11 min per run on 2 CPUs: ~1.5 h):
 # accuracy +- standard error against decoding cost in runs/tiny-seeds/ and runs/tiny-m4-seeds/ (seeds.md, .png)
 SEEDS ?= 0 1 2 3 4
 seeds: $(STAMP)

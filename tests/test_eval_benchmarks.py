@@ -57,11 +57,12 @@ def test_every_paper_benchmark_has_a_reader_and_hub_id():
 
 
 def test_tinytask_held_out_split():
-    probs = load_benchmark("tinytask", limit=9)
-    assert [p.kind for p in probs[:3]] == sorted([p.kind for p in probs[:3]], key=["code", "math", "choice"].index)
-    assert {p.kind for p in probs} == {"math", "choice", "code"} and len(probs) == 9
+    probs = load_benchmark("tinytask", limit=10)  # an even share of the 4 domains, interleaved
+    assert [p.id.split("/")[1] for p in probs[:4]] == ["code", "math", "mental", "science"]
+    assert {p.kind for p in probs} == {"math", "choice", "code"} and len(probs) == 10
+    assert [p.kind for p in probs if "/mental/" in p.id] == ["math"] * 2  # graded as math answers
     full = load_benchmark("tinytask")
-    assert len(full) == 600
+    assert len(full) == 800
     code = next(p for p in full if p.kind == "code")
     assert code.tests and not grade_code("```python\ndef f(x):\n    return None\n```", code.tests)[0]
     with pytest.raises(ValueError, match="unknown benchmark"):
