@@ -149,9 +149,11 @@ MENTAL_THINK = "Mental arithmetic: the result is given without written working."
 
 
 def make_mental(rng: random.Random, steps: int, digits: int) -> dict[str, Any]:
-    """`steps` operations on one-digit operands, innermost first, e.g. ((7 - 3) * 4 + 5); the answer's
+    """`steps` operations on one-digit operands, innermost first, e.g. ((7 - 3) * 4) + 5; the answer's
     digits follow a fixed sentence, so no written step can carry the intermediate values: the model
-    must hold them in its layers. Products are kept to small values so that every step matters."""
+    must hold them in its layers. A product is drawn only while the value is below 20, so results stay
+    at two or three digits. `digits` is not used: one-digit operands keep each single step learnable
+    (the math domain writes the same steps out)."""
     value = rng.randint(2, 9)
     expr = str(value)
     for i in range(steps):
