@@ -9,7 +9,7 @@ Families: `mental` = the shipped positive control's arithmetic (`tah.data.tinyta
 emitted directly); `chain` = shuffled variable assignments `c=b;a=7;b=a;c?` (answer = the value reached
 after `ops + 1` lookups; one distractor pair, so chance is about 0.5). Character-level, 8 pre-norm layers of
 width 96 (the shipped base's shape), AdamW, cosine schedule. It prints one line per pass count and the
-ratio; what it measured for the shipped family is in docs/results.md (§ The positive control).
+difference; what it measured is in docs/results.md (§ Setup C, What was tried).
 """
 
 from __future__ import annotations

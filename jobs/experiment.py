@@ -118,11 +118,9 @@ def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[d
     for s in summary:
         name = s["model"]
         recs = [json.loads(x) for x in (out / "eval" / name / f"{s['benchmark']}.jsonl").read_text().splitlines()]
-        per, doms = {}, domains_of(recs)
-        domains += [d for d in doms if d not in domains]
-        for dom in doms:
-            rs = [r for r in recs if r["id"].split("/")[1] == dom]
-            per[dom] = sum(r["correct"] for r in rs) / len(rs)
+        by = by_domain(recs)
+        domains += [d for d in by if d not in domains]
+        per = {dom: sum(r["correct"] for r in rs) / len(rs) for dom, rs in by.items()}
         row = {"method": name, "accuracy": s["accuracy"], **per, "problems": len(recs), "parameters": s["parameters"],
                "pct_iterated": s["pct_iterated"], "avg_depth": s["avg_depth"], "output_tokens": s["output_tokens"],
                "decode_tokens_per_s": s["tokens_per_s"], "checkpoint": finals[name]}
@@ -135,9 +133,14 @@ def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[d
     return rows, domains
 
 
-def domains_of(recs: list[dict[str, Any]]) -> list[str]:
-    """The task's domains in first-seen order, from the records' ids (`<benchmark>/<domain>/<i>`)."""
-    return list(dict.fromkeys(r["id"].split("/")[1] for r in recs if r["id"].count("/") >= 2))
+def by_domain(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The records of each domain, domains in first-seen order, from the ids (`<benchmark>/<domain>/<i>`;
+    benchmarks without domains, `<benchmark>/<i>`, have none)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+        if r["id"].count("/") >= 2:
+            out.setdefault(r["id"].split("/")[1], []).append(r)
+    return out
 
 
 def write_results(cfg: ExperimentConfig, rows: list[dict[str, Any]], seconds: float, out: Path,
@@ -198,14 +201,9 @@ def claim_output(cfg: ExperimentConfig) -> None:
     checkpoints made from the old ones as if they were new."""
     from tah import storage
 
-    ident = inputs(cfg)
-    uri = storage.join(cfg.output, INPUTS_NAME)
-    if storage.create_exclusive(uri, (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode()):
+    diff, _ = storage.claim(storage.join(cfg.output, INPUTS_NAME), inputs(cfg))
+    if not diff:
         return
-    before = json.loads(storage.read_bytes(uri))
-    if before == ident:
-        return
-    diff = sorted(k for k in set(before) | set(ident) if before.get(k) != ident.get(k))
     raise SystemExit(f"{cfg.output} holds an experiment made from other inputs ({', '.join(diff)} changed since "
                      f"it started, see its {INPUTS_NAME}); its finished stages would be reused as they are: "
                      "pass a new output= (or remove that directory)")

@@ -189,13 +189,9 @@ def check_output(cfg: LabelConfig, ident: dict[str, Any]) -> None:
     jobs started together into one fresh output exactly one claims it and any other with different
     settings or source is refused. Two jobs with equal identity may both run: they write the same
     shards, each committed whole, so the output is still exactly once."""
-    uri = storage.join(cfg.output, CONFIG_NAME)
-    if storage.create_exclusive(uri, json.dumps(ident, indent=2, sort_keys=True).encode()):
+    diff, before = storage.claim(storage.join(cfg.output, CONFIG_NAME), ident)
+    if not diff:
         return
-    before = json.loads(storage.read_bytes(uri))
-    if before == ident:
-        return
-    diff = sorted(k for k in set(before) | set(ident) if before.get(k) != ident.get(k))
     if diff == ["source_fingerprint"]:
         raise SystemExit(f"{cfg.output} holds labels of a different source than {cfg.source} now is: "
                          f"{_source_change(before.get('source_fingerprint'), ident['source_fingerprint'])}; "

@@ -206,6 +206,23 @@ def create_exclusive(uri: str | Path, data: bytes) -> bool:
         Path(tmp).unlink(missing_ok=True)
 
 
+
+def claim(uri: str | Path, ident: dict) -> tuple[list[str], dict]:
+    """Record `ident` (a JSON object) at `uri` if nothing is there (exclusively, see create_exclusive),
+    else compare with what is recorded. Returns the top-level keys whose values differ ([] when this
+    call recorded it, or it is equal) and the recorded object. How a job guards an output it resumes
+    into against other inputs or settings."""
+    if create_exclusive(uri, (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode()):
+        return [], ident
+    try:
+        before = json.loads(read_bytes(uri))
+    except ValueError:
+        before = None
+    if not isinstance(before, dict):  # a damaged or foreign record: not ours to resume into
+        raise ValueError(f"{uri} exists but is not a JSON object recorded by a job; remove it or use a new output")
+    return sorted(k for k in set(before) | set(ident) if before.get(k) != ident.get(k)), before
+
+
 def remove(uri: str | Path) -> None:
     if is_s3(uri):
         bucket, key = split_s3(str(uri))

@@ -199,3 +199,15 @@ def test_ray_workers_get_credentials_from_their_own_environment(monkeypatch):
             assert not any(k in env or v in env for k, v in secrets.items()), env
     finally:
         ray.shutdown()
+
+
+def test_claim_records_once_then_names_what_differs(tmp_path):
+    uri = tmp_path / "out" / "identity.json"
+    assert storage.claim(uri, {"a": 1, "b": [2]}) == ([], {"a": 1, "b": [2]})
+    assert storage.claim(uri, {"a": 1, "b": [2]})[0] == []
+    diff, before = storage.claim(uri, {"a": 1, "b": [3], "c": 0})
+    assert diff == ["b", "c"] and before == {"a": 1, "b": [2]}
+    for hostile in (b"[1, 2]", b"\xff\xfe not json", b'"a string"'):  # never resumed into, never crashes oddly
+        uri.write_bytes(hostile)
+        with pytest.raises(ValueError, match="not a JSON object"):
+            storage.claim(uri, {"a": 1})
