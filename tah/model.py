@@ -329,6 +329,11 @@ class TaHForCausalLM(nn.Module):
         flat_seg = segment_ids.reshape(-1) if segment_ids is not None else None
 
         flat = valid.reshape(-1).nonzero().squeeze(1)  # tokens running depth 1
+        # v1 with logits_at: the deepest depth's head runs on the returned tokens only (every other token's
+        # logits there feed nothing); shallower depths need theirs for the decider's top-k.
+        want = torch.arange(B, device=dev) * T + logits_at if logits_at is not None and not mix \
+            and labels is None and not return_depth_states else None
+        last_flat = None  # the flat indices of cum_lists[-1]'s rows when the last depth ran restricted
         layouts: list[_Layout] = []
         cum_lists: list[torch.Tensor] = []  # per depth: (N_d, V) cumulative (v1) or own (mixture) logits
         dec_parts: list[tuple[torch.Tensor, int, torch.Tensor]] = []
@@ -351,6 +356,13 @@ class TaHForCausalLM(nn.Module):
                 x = lay.pack(soft_embedding(topk_vals, topk_ids, emb.weight))
             q_seg = lay.pack(flat_seg[flat]) if flat_seg is not None else None
             h, saved = self._run_depth(d, x, q_pos, lay, store, keep, q_seg)
+            if d == D and want is not None:  # the head only where a returned logit needs it (serving prefill)
+                sel = torch.isin(lay.flat, want).nonzero().squeeze(1)  # (n,) of this depth's tokens
+                logits = hf.decoder_parts(self.backbone).lm_head(lay.unpack(h)[sel])  # (n, V)
+                layouts.append(lay)
+                cum_lists.append(logits if d == 1 else prev_cum[sel] + logits)
+                last_flat = lay.flat[sel]
+                break
             logits = lay.unpack(hf.decoder_parts(self.backbone).lm_head(h))  # (N_d, V)
             cum = logits if d == 1 or mix else prev_cum + logits
             layouts.append(lay)
@@ -397,7 +409,10 @@ class TaHForCausalLM(nn.Module):
             logits = self._mixture_logits(layouts, cum_lists, conts, log_w, B * T).view(B, T, -1) \
                 if return_logits else None
         elif logits_at is not None:
-            logits = self._logits_at(layouts, cum_lists, torch.arange(B, device=dev) * T + logits_at, B * T)
+            flats = [lay.flat for lay in layouts]
+            if last_flat is not None:
+                flats[-1] = last_flat
+            logits = self._logits_at(flats, cum_lists, torch.arange(B, device=dev) * T + logits_at, B * T)
         else:
             logits = self._assemble_logits(layouts, cum_lists, B * T).view(B, T, -1) if return_logits else None
         decider_logits = None
@@ -542,15 +557,16 @@ class TaHForCausalLM(nn.Module):
             final = final.index_copy(0, lay.flat, cum)
         return final
 
-    def _logits_at(self, layouts: list[_Layout], cum_lists: list[torch.Tensor], want: torch.Tensor,
+    def _logits_at(self, flats: list[torch.Tensor], cum_lists: list[torch.Tensor], want: torch.Tensor,
                    n: int) -> torch.Tensor:
-        """(len(want), V): the deepest cumulative logits of the flat token indices `want` only."""
+        """(len(want), V): the deepest cumulative logits of the flat token indices `want` only (flats[d]:
+        the flat index of each row of cum_lists[d])."""
         w = self.backbone.get_input_embeddings().weight
         out = torch.zeros(len(want), self.backbone.config.vocab_size, dtype=w.dtype, device=w.device)
         where = torch.full((n,), -1, dtype=torch.long, device=want.device)
         where[want] = torch.arange(len(want), device=want.device)
-        for lay, cum in zip(layouts, cum_lists):  # deeper depths overwrite shallower ones
-            idx = where[lay.flat]
+        for flat, cum in zip(flats, cum_lists):  # deeper depths overwrite shallower ones
+            idx = where[flat]
             sel = (idx >= 0).nonzero().squeeze(1)
             out[idx[sel]] = cum[sel].to(out.dtype)
         return out

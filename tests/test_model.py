@@ -130,6 +130,32 @@ def test_decider_drives_depths_consistently():
     assert (model(ids, attention_mask=mask, threshold=0.0).depths[v] == 3).all()
 
 
+@pytest.mark.parametrize("max_depth", [1, 2, 3])
+def test_logits_at_equals_the_full_forward(max_depth):
+    """Serving prefill asks for one position per row; the deepest depth's head then runs on those tokens
+    only. Whatever depth each asked-for token reached, its logits are the full forward's."""
+    model, _ = make(max_depth=max_depth)
+    ids, mask = batch(B=4, T=12, padding="right", seed=3)
+    at = mask.sum(1) - 1  # each row's last real token (right padding: they differ)
+    at[0] = 5  # and one from the middle
+    with torch.no_grad():
+        if max_depth > 1:
+            probs = torch.sigmoid(model(ids, attention_mask=mask, depths=torch.full_like(ids, max_depth)).decider_logits)
+            thr = float(probs[..., 0][mask.bool()].median())
+        else:
+            thr = 0.5
+        for depths in (None, torch.full_like(ids, max_depth), torch.randint(1, max_depth + 1, ids.shape,
+                                                                            generator=torch.Generator().manual_seed(4))):
+            full = model(ids, attention_mask=mask, depths=depths, threshold=thr)
+            last = model(ids, attention_mask=mask, depths=depths, threshold=thr, logits_at=at)
+            rows = torch.arange(4)
+            reached = full.depths[rows, at]
+            if depths is None and max_depth > 1:  # the decider sent some asked-for tokens deeper, not all
+                assert (reached >= 2).any() and (reached == 1).any(), reached
+            assert torch.equal(last.depths, full.depths)
+            assert (last.logits - full.logits[rows, at]).abs().max() <= 1e-6
+
+
 def test_bad_depths_raise():
     model, _ = make(max_depth=2)
     ids, mask = batch(B=1, T=5)

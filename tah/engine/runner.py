@@ -67,12 +67,13 @@ class ModelRunner:
         """(n, V) final logits of each request's last token, (n,) its depth, and per request the depths
         its fed tokens ran. May raise kv.NoFreeBlocks (its deeper entries did not fit)."""
         dev = self.device
-        caps = [r.cap for r in reqs]
         forced = self.policy != "decider"
-        groups: dict[int | None, list[int]] = {None: list(range(len(reqs)))} if forced else {}
-        if not forced:
-            for j, cap in enumerate(caps):
-                groups.setdefault(cap, []).append(j)
+        # One forward per distinct cap, run as the model of that max depth: under a forced policy too
+        # (the same result -- forced tokens stop at the cap either way -- without the decider running at
+        # a cap it cannot change, and Standard's head runs on the last token only).
+        groups: dict[int, list[int]] = {}
+        for j, r in enumerate(reqs):
+            groups.setdefault(r.cap, []).append(j)
         logits = torch.zeros(len(reqs), self.vocab_size, device=dev)
         depth = torch.zeros(len(reqs), dtype=torch.long, device=dev)
         ran: list[torch.Tensor] = [torch.zeros(0)] * len(reqs)
