@@ -1,6 +1,6 @@
 """TaH2's per-row decode state in the serving engine: what a token that iterates carries between steps.
 
-A TaH2 token's output is a mixture over the depths it runs (`TaHForCausalLM._mixture_logits`):
+A TaH2 token's output is a mixture over the depths it runs (`tah.depths.mixture_logits`):
 
     log p = logsumexp_d(log w_d + log_softmax(z_d))
     stop_prob_mix: c_d = sigmoid(decider logit after d), R_1 = 1, R_{d+1} = R_d c_d,

@@ -44,6 +44,8 @@ from .cache import PackedKV, TaHCache
 from .config import TaHConfig
 from .convert import resolve_checkpoint
 from .decider import IterationDecider, Tah2Decider, default_decider_layers, topk_logits
+from .depths import (Layout, assemble_logits, deepest_logits_at, depthwise_loss, mixture_log_weights, mixture_logits,
+                     mixture_nll, next_token_targets, segment_positions, wide)
 from .updater import InputUpdater
 
 log = logging.getLogger(__name__)
@@ -92,41 +94,6 @@ class DepthStates:
     """Every depth's K/V (with grad) and key positions/validity/segments."""
     position_ids: torch.Tensor
     """(B, T) the position ids the forward used."""
-
-
-class _Layout:
-    """Tokens running one depth: a sorted list of flat indices into (B*T) and their packed slots."""
-
-    def __init__(self, flat: torch.Tensor, batch: int, seqlen: int) -> None:
-        self.flat, self.B, self.T = flat, batch, seqlen  # (N,)
-        self.identity = flat.numel() == batch * seqlen  # every token of every row: packing is a view
-        row = flat // seqlen
-        present = torch.unique(row)  # sorted row ids that have at least one token at this depth
-        self.rows = None if present.numel() == batch else present
-        row_in = row if self.rows is None else torch.searchsorted(present, row)
-        counts = torch.bincount(row_in, minlength=present.numel())  # (B_d,)
-        starts = counts.cumsum(0) - counts
-        self.bi, self.qi = row_in, torch.arange(flat.numel(), device=flat.device) - starts[row_in]
-        self.Bd, self.Td = present.numel(), int(counts.max()) if flat.numel() else 0
-        self.q_valid = torch.arange(self.Td, device=flat.device)[None, :] < counts[:, None]  # (B_d, T_d)
-
-    def pack(self, values: torch.Tensor) -> torch.Tensor:
-        """(N, ...) in list order -> (B_d, T_d, ...) with zeros in padding slots."""
-        if self.identity:
-            return values.reshape(self.B, self.T, *values.shape[1:])
-        out = values.new_zeros((self.Bd, self.Td, *values.shape[1:]))
-        return out.index_put((self.bi, self.qi), values)
-
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """(B_d, T_d, ...) -> (N, ...) in list order."""
-        if self.identity:
-            return packed.reshape(self.B * self.T, *packed.shape[2:])
-        return packed[self.bi, self.qi]
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 at least (fp64 stays fp64): the precision the mixture and decider outputs use."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def soft_embedding(topk_values: torch.Tensor, topk_indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -239,7 +206,7 @@ class TaHForCausalLM(nn.Module):
                         depth_attention=self.config.depth_attention)
 
     # ------------------------------------------------------------------ forward
-    def _run_depth(self, depth: int, x: torch.Tensor, q_pos: torch.Tensor, layout: _Layout,
+    def _run_depth(self, depth: int, x: torch.Tensor, q_pos: torch.Tensor, layout: Layout,
                    store: PackedKV | TaHCache, keep: set[int],
                    q_segment: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """One pass of the backbone's layers for depth `depth`'s packed tokens. x (B_d, T_d, H)."""
@@ -334,7 +301,7 @@ class TaHForCausalLM(nn.Module):
         want = torch.arange(B, device=dev) * T + logits_at if logits_at is not None and not mix \
             and labels is None and not return_depth_states else None
         last_flat = None  # the flat indices of cum_lists[-1]'s rows when the last depth ran restricted
-        layouts: list[_Layout] = []
+        layouts: list[Layout] = []
         cum_lists: list[torch.Tensor] = []  # per depth: (N_d, V) cumulative (v1) or own (mixture) logits
         dec_parts: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         conts: list[torch.Tensor] = []  # per depth: which of its tokens continue deeper
@@ -344,7 +311,7 @@ class TaHForCausalLM(nn.Module):
         for d in range(1, D + 1):
             if flat.numel() == 0:
                 break
-            lay = _Layout(flat, B, T)
+            lay = Layout(flat, B, T)
             q_pos = lay.pack(flat_pos[flat])
             if d == 1:
                 x = emb(lay.pack(flat_ids[flat]))  # (B_d, T_d, H)
@@ -401,23 +368,23 @@ class TaHForCausalLM(nn.Module):
         run_depth = torch.zeros(B * T, dtype=torch.long, device=dev)
         for d, lay in enumerate(layouts, start=1):
             run_depth[lay.flat] = d
-        log_w = self._mixture_log_weights(layouts, conts, dec_parts, run_depth) if mix else None
+        log_w = mixture_log_weights(cfg.combine, layouts, conts, dec_parts, run_depth, emb.weight) if mix else None
         if mix and logits_at is not None:
             want = torch.arange(B, device=dev) * T + logits_at
-            logits = self._mixture_logits(layouts, cum_lists, conts, log_w, B * T)[want]
+            logits = mixture_logits(layouts, cum_lists, conts, log_w, B * T, emb.weight)[want]
         elif mix:
-            logits = self._mixture_logits(layouts, cum_lists, conts, log_w, B * T).view(B, T, -1) \
+            logits = mixture_logits(layouts, cum_lists, conts, log_w, B * T, emb.weight).view(B, T, -1) \
                 if return_logits else None
         elif logits_at is not None:
             flats = [lay.flat for lay in layouts]
             if last_flat is not None:
                 flats[-1] = last_flat
-            logits = self._logits_at(flats, cum_lists, torch.arange(B, device=dev) * T + logits_at, B * T)
+            logits = deepest_logits_at(flats, cum_lists, torch.arange(B, device=dev) * T + logits_at, B * T, emb.weight)
         else:
-            logits = self._assemble_logits(layouts, cum_lists, B * T).view(B, T, -1) if return_logits else None
+            logits = assemble_logits(layouts, cum_lists, B * T, emb.weight).view(B, T, -1) if return_logits else None
         decider_logits = None
         if need_decider and D > 1:
-            dt = torch.float32 if not dec_parts else _wide(dec_parts[0][2]).dtype
+            dt = torch.float32 if not dec_parts else wide(dec_parts[0][2]).dtype
             decider_logits = torch.zeros(B * T, D - 1, dtype=dt, device=dev)
             for f, d, dec in dec_parts:
                 decider_logits = decider_logits.index_put((f, torch.full_like(f, d - 1)), dec.to(dt))
@@ -427,11 +394,11 @@ class TaHForCausalLM(nn.Module):
             target = next_token_targets(labels, valid, segment_ids).reshape(-1)
             n = (target != -100).sum().clamp_min(1)
             if mix:
-                loss = self._mixture_nll(layouts, cum_lists, conts, log_w, target) / n
+                loss = mixture_nll(layouts, cum_lists, conts, log_w, target) / n
             elif logits is not None:
                 loss = F.cross_entropy(logits.reshape(B * T, -1).float(), target, ignore_index=-100, reduction="sum") / n
             else:
-                loss = self._depthwise_loss(layouts, cum_lists, conts, target) / n
+                loss = depthwise_loss(layouts, cum_lists, conts, target) / n
         self._set_lora(False)
         states = DepthStates([lay.flat for lay in layouts], cum_lists, hiddens, store, position_ids) \
             if return_depth_states else None
@@ -544,110 +511,6 @@ class TaHForCausalLM(nn.Module):
         finally:
             self.config = full
 
-    def _assemble_logits(self, layouts: list[_Layout], cum_lists: list[torch.Tensor], n: int) -> torch.Tensor:
-        """(B*T, V): every token's deepest cumulative logits (zeros at padding)."""
-        if not layouts:
-            w = self.backbone.get_input_embeddings().weight
-            return torch.zeros(n, self.backbone.config.vocab_size, dtype=w.dtype, device=w.device)
-        if layouts[0].identity:
-            final = cum_lists[0]
-        else:
-            final = cum_lists[0].new_zeros(n, cum_lists[0].shape[-1]).index_copy(0, layouts[0].flat, cum_lists[0])
-        for lay, cum in zip(layouts[1:], cum_lists[1:]):
-            final = final.index_copy(0, lay.flat, cum)
-        return final
-
-    def _logits_at(self, flats: list[torch.Tensor], cum_lists: list[torch.Tensor], want: torch.Tensor,
-                   n: int) -> torch.Tensor:
-        """(len(want), V): the deepest cumulative logits of the flat token indices `want` only (flats[d]:
-        the flat index of each row of cum_lists[d])."""
-        w = self.backbone.get_input_embeddings().weight
-        out = torch.zeros(len(want), self.backbone.config.vocab_size, dtype=w.dtype, device=w.device)
-        where = torch.full((n,), -1, dtype=torch.long, device=want.device)
-        where[want] = torch.arange(len(want), device=want.device)
-        for flat, cum in zip(flats, cum_lists):  # deeper depths overwrite shallower ones
-            idx = where[flat]
-            sel = (idx >= 0).nonzero().squeeze(1)
-            out[idx[sel]] = cum[sel].to(out.dtype)
-        return out
-
-    def _depthwise_loss(self, layouts: list[_Layout], cum_lists: list[torch.Tensor], conts: list[torch.Tensor],
-                        target: torch.Tensor) -> torch.Tensor:
-        """Summed CE of the assembled logits vs flat targets (B*T,), computed per depth without assembling."""
-        total = None
-        for d, (lay, cum) in enumerate(zip(layouts, cum_lists)):
-            t = target[lay.flat]
-            if d < len(conts):
-                t = t.masked_fill(conts[d], -100)  # scored at a deeper depth
-            part = F.cross_entropy(cum.float(), t, ignore_index=-100, reduction="sum")
-            total = part if total is None else total + part
-        return total
-
-    # ------------------------------------------------------------------ TaH2: mixture over depths
-    def _mixture_log_weights(self, layouts: list[_Layout], conts: list[torch.Tensor],
-                             dec_parts: list[tuple[torch.Tensor, int, torch.Tensor]],
-                             run_depth: torch.Tensor) -> list[torch.Tensor]:
-        """Per depth d, (N_d,) fp32 log w_d of its tokens.
-
-        stop_prob_mix: c_d = sigmoid(decider logit after d) in fp32, R_1 = 1, R_{d+1} = R_d c_d;
-        w_d = R_d (1 - c_d) where the token continues past d, R_d where it stops at d (also at the cap
-        M). Forced depths force only the stops: the weights still use each executed depth's c_d.
-        even_mix: w_d = 1 / (the token's executed depth count)."""
-        if self.config.combine == "even_mix":
-            dt = _wide(self.backbone.get_input_embeddings().weight).dtype
-            return [-torch.log(run_depth[lay.flat].to(dt)) for lay in layouts]
-        out = []
-        mass = None  # R_d of depth d's tokens
-        for d, lay in enumerate(layouts):
-            if mass is None:  # (max_depth 1 runs no decider: the weights' precision is the model's, widened)
-                dt = _wide(dec_parts[0][2] if dec_parts else self.backbone.get_input_embeddings().weight).dtype
-                mass = torch.ones(lay.flat.numel(), dtype=dt, device=lay.flat.device)
-            if d < len(conts):
-                c = torch.sigmoid(_wide(dec_parts[d][2]))
-                out.append(torch.log(torch.where(conts[d], mass * (1 - c), mass)))
-                mass = (mass * c)[conts[d]]
-            else:
-                out.append(torch.log(mass))
-        return out
-
-    @staticmethod
-    def _first_depth_index(layouts: list[_Layout], conts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per depth d, (N_d,) the index of each of its tokens in depth 1's list."""
-        idx = [torch.arange(layouts[0].flat.numel(), device=layouts[0].flat.device)]
-        for d in range(1, len(layouts)):
-            idx.append(idx[d - 1][conts[d - 1]])
-        return idx
-
-    def _mixture_logits(self, layouts: list[_Layout], own: list[torch.Tensor], conts: list[torch.Tensor],
-                        log_w: list[torch.Tensor], n: int) -> torch.Tensor:
-        """(B*T, V) fp32: logsumexp_d(log w_d + log_softmax(z_d)) per token (zeros at padding)."""
-        V = self.backbone.config.vocab_size
-        if not layouts:
-            return torch.zeros(n, V, dtype=torch.float32, device=self.backbone.get_input_embeddings().weight.device)
-        acc = log_w[0][:, None] + torch.log_softmax(_wide(own[0]), dim=-1)  # (N_1, V)
-        for idx, z, lw in zip(self._first_depth_index(layouts, conts)[1:], own[1:], log_w[1:]):
-            term = lw[:, None] + torch.log_softmax(_wide(z), dim=-1)
-            acc = acc.index_put((idx,), torch.logaddexp(acc[idx], term))
-        if layouts[0].identity:
-            return acc
-        return acc.new_zeros(n, acc.shape[-1]).index_copy(0, layouts[0].flat, acc)
-
-    def _mixture_nll(self, layouts: list[_Layout], own: list[torch.Tensor], conts: list[torch.Tensor],
-                     log_w: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """Summed -log p_mix(target) over the tokens with a target, gathering only the target's
-        log-probability per depth (no (N, V) mixture is assembled)."""
-        if not layouts:
-            return torch.zeros((), device=target.device)
-        t1 = target[layouts[0].flat]  # (N_1,)
-        has = t1 != -100
-        tgt = t1.clamp_min(0)
-        acc = None
-        for idx, z, lw in zip(self._first_depth_index(layouts, conts), own, log_w):
-            zf = _wide(z)
-            lp = lw + zf.gather(1, tgt[idx][:, None])[:, 0] - torch.logsumexp(zf, dim=-1)
-            acc = lp if acc is None else acc.index_put((idx,), torch.logaddexp(acc[idx], lp))
-        return -(acc[has]).sum()
-
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
@@ -736,33 +599,6 @@ class TaHForCausalLM(nn.Module):
                     raise FileNotFoundError(f"{path}: no {name}")
                 module.load_state_dict(load_file(path / name, device=str(next(module.parameters()).device)))
         return model
-
-
-def segment_positions(segment_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, T) position ids restarting at 0 for each packed sample (counting real tokens only)."""
-    c = valid.long().cumsum(1)  # real tokens up to and including t
-    start = torch.ones_like(valid)
-    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    # Real tokens before each sample's first token, carried forward over the sample (non-decreasing).
-    before = torch.where(start, c - valid.long(), torch.zeros_like(c)).cummax(1).values
-    return (c - 1 - before).clamp_min(0)
-
-
-def next_token_targets(labels: torch.Tensor, valid: torch.Tensor,
-                       segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T) target of each position: labels[t + 1], or -100 where t or t + 1 is padding (or where
-    t + 1 starts another packed sample).
-
-    Masking the *source* position too matters with left padding: HF's loss scores the last pad
-    position against the first real token. The loss is normalised once by the number of targets
-    (the authors' code divided twice).
-    """
-    labels = labels.masked_fill(~valid, -100)
-    target = torch.full_like(labels, -100)
-    target[:, :-1] = labels[:, 1:]
-    if segment_ids is not None:
-        target[:, :-1] = target[:, :-1].masked_fill(segment_ids[:, 1:] != segment_ids[:, :-1], -100)
-    return target.masked_fill(~valid, -100)
 
 
 def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:

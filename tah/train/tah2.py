@@ -43,7 +43,8 @@ import torch
 from .. import hf_adapter as hf
 from ..attention import DuoCausalSpec
 from ..cache import PackedKV, _DepthView, _query_pos
-from ..model import DepthStates, TaHForCausalLM, TaHOutput, _Layout, _wide, next_token_targets
+from ..depths import Layout, next_token_targets, wide
+from ..model import DepthStates, TaHForCausalLM, TaHOutput
 from ..oracle import _identity, boundary_labels
 from .losses import Tah2Objective, cost_weighted_bce, dynamic_pos_weight
 
@@ -55,9 +56,9 @@ def per_token_ce(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor 
                  chunk: int = 4096) -> torch.Tensor:
     """(N, V) logits (or the rows `rows` (n,) of them), (n,) targets -> (n,) fp32 cross-entropy (fp64 for
     fp64 logits; 0 where the target is -100), chunked so that no fp32 copy of the whole (n, V) exists."""
-    out = torch.zeros(target.shape[0], dtype=_wide(logits).dtype, device=logits.device)
+    out = torch.zeros(target.shape[0], dtype=wide(logits).dtype, device=logits.device)
     for a in range(0, target.shape[0], chunk):
-        z = _wide(logits[a:a + chunk] if rows is None else logits[rows[a:a + chunk]])  # (c, V)
+        z = wide(logits[a:a + chunk] if rows is None else logits[rows[a:a + chunk]])  # (c, V)
         t = target[a:a + chunk]
         ce = torch.logsumexp(z, -1) - z.gather(1, t.clamp_min(0)[:, None])[:, 0]
         out[a:a + chunk] = ce.masked_fill(t == -100, 0.0)
@@ -121,7 +122,7 @@ def lookahead_scores(model: TaHForCausalLM, states: DepthStates, input_ids: torc
     """
     B, T = input_ids.shape
     if queries.numel() == 0:
-        return torch.zeros(0, dtype=_wide(states.logits[0]).dtype, device=input_ids.device)
+        return torch.zeros(0, dtype=wide(states.logits[0]).dtype, device=input_ids.device)
     flat_d = states.flat[d - 1]
     where = torch.searchsorted(flat_d, queries)
     if bool((where >= flat_d.numel()).any()) or not torch.equal(flat_d[where.clamp_max(flat_d.numel() - 1)], queries):
@@ -130,7 +131,7 @@ def lookahead_scores(model: TaHForCausalLM, states: DepthStates, input_ids: torc
         raise ValueError(f"side-pass queries must not have run depth {d + 1} in the main pass")
     emb = model.backbone.get_input_embeddings()
     x = model.updater(emb(input_ids.reshape(-1)[queries]), states.last_hidden[d - 1][where].detach())  # (Nq, H)
-    lay = _Layout(queries, B, T)
+    lay = Layout(queries, B, T)
     q_pos = lay.pack(states.position_ids.reshape(-1)[queries])  # (B_q, T_q)
     q_seg = lay.pack(segment_ids.reshape(-1)[queries]) if segment_ids is not None else None
     view = _LookaheadView(states.store, d + 1, lay.rows, q_pos, lay.q_valid, q_seg, model.config.attn_backend,
@@ -146,7 +147,7 @@ def lookahead_scores(model: TaHForCausalLM, states: DepthStates, input_ids: torc
 def _main_scores(states: DepthStates, d: int, want: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """s_d of the flat tokens `want` (sorted, each ran depth d in the main pass): (len(want),) fp32."""
     if want.numel() == 0:
-        return torch.zeros(0, dtype=_wide(states.logits[0]).dtype, device=want.device)
+        return torch.zeros(0, dtype=wide(states.logits[0]).dtype, device=want.device)
     idx = torch.searchsorted(states.flat[d - 1], want)
     return per_token_ce(states.logits[d - 1].detach(), target[want], rows=idx)
 
@@ -180,7 +181,7 @@ def lookahead_labels(model: TaHForCausalLM, states: DepthStates, input_ids: torc
     side = 0
     cand = sup & (run_depth >= 1)
     # scores in fp32 (fp64 for an fp64 model); NaN where not computed (never read: only candidates are)
-    s_d = torch.full(target.shape, float("nan"), dtype=_wide(states.logits[0]).dtype, device=target.device)
+    s_d = torch.full(target.shape, float("nan"), dtype=wide(states.logits[0]).dtype, device=target.device)
     want = cand.nonzero().squeeze(1)
     s_d[want] = _main_scores(states, 1, want, target)
     for d in range(1, M):
