@@ -5,9 +5,12 @@ AlwaysThink buys), then compare greedy exact-answer accuracy on unseen questions
     python bench/depth_probe.py --family mental --ops 2 --steps 1500         # ~4 + ~8 min on 2 CPUs
     python bench/depth_probe.py --family chain --ops 3 --train 8000           # pointer chasing, 4 lookups
 
+    python bench/depth_probe.py --family swaps --ops 12 --train 20000          # state tracking, 12 swaps
+
 Families: `mental` = the shipped positive control's arithmetic (`tah.data.tinytask.make_mental`, answer
 emitted directly); `chain` = shuffled variable assignments `c=b;a=7;b=a;c?` (answer = the value reached
-after `ops + 1` lookups; one distractor pair, so chance is about 0.5). Character-level, 8 pre-norm layers of
+after `ops + 1` lookups; one distractor pair, so chance is about 0.5); `swaps` = a ball under one of three
+cups after `ops` swaps (`a:ab ca bc?`, chance 1/3). Character-level, 8 pre-norm layers of
 width 96 (the shipped base's shape), AdamW, cosine schedule. It prints one line per pass count and the
 difference; what it measured is in docs/results.md (§ Setup C, What was tried).
 """
@@ -40,6 +43,18 @@ def chain(rng: random.Random, ops: int) -> tuple[str, str]:
     return ";".join(st) + f";{path[-1]}?", f"{value};"
 
 
+def swaps(rng: random.Random, ops: int) -> tuple[str, str]:
+    """Three cups a, b, c; the ball starts under one; `ops` swaps of two cups; which cup holds it? State
+    tracking: each swap needs the state before it, so the answer is a chain of `ops` dependent steps."""
+    ball, moves = rng.choice("abc"), []
+    start = ball
+    for _ in range(ops):
+        x, y = rng.sample("abc", 2)
+        moves.append(x + y)
+        ball = y if ball == x else x if ball == y else ball
+    return f"{start}:{' '.join(moves)}?", f"{ball};"
+
+
 class Looped(nn.Module):
     """Pre-norm causal transformer whose layer stack runs `passes` times per forward."""
 
@@ -60,10 +75,12 @@ class Looped(nn.Module):
 
 
 def run(args: argparse.Namespace, passes: int) -> float:
-    make = {"mental": mental, "chain": chain}[args.family]
+    make = {"mental": mental, "chain": chain, "swaps": swaps}[args.family]
     rng, seen, test, train, misses = random.Random(args.seed), set(), [], [], 0
     while len(test) < args.test or (len(train) < args.train and misses < 20 * args.train):
-        q, a = make(rng, args.ops)
+        # test questions at --ops; training ones at --ops-min .. --ops when given (a curriculum in the data)
+        q, a = make(rng, args.ops if len(test) < args.test or args.ops_min is None
+                    else rng.randint(args.ops_min, args.ops))
         if q in seen:
             misses += 1
             continue
@@ -107,8 +124,9 @@ def run(args: argparse.Namespace, passes: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--family", choices=("mental", "chain"), default="mental")
+    ap.add_argument("--family", choices=("mental", "chain", "swaps"), default="mental")
     ap.add_argument("--ops", type=int, default=2)
+    ap.add_argument("--ops-min", type=int, default=None, help="train on ops-min .. ops steps (test: ops)")
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--steps", type=int, default=1500)
