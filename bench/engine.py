@@ -7,8 +7,7 @@ slowest row's tail instead). HF generate runs static batches. The configurations
 `--repeats`) so machine noise hits them alike, and the median is reported. TaH uses the decider at
 `--threshold`; a random model's decider is not trained, so by default its threshold is calibrated
 to send `--share` of generated tokens to depth 2 on text the model samples itself (the measured share is
-printed) -- or pass a trained
-checkpoint. Standard and AlwaysThink are the same engine with forced depths; HF is
+printed) -- or pass a trained checkpoint. Standard and AlwaysThink are the same engine with forced depths; HF is
 `model.generate` of the plain backbone (greedy, no EOS).
 
     python bench/engine.py                                   # small random Qwen3, batch 1 and 32
