@@ -134,12 +134,14 @@ def results_table(cfg: ExperimentConfig, finals: dict[str, str], summary: list[d
 
 
 def by_domain(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The records of each domain, domains in first-seen order, from the ids (`<benchmark>/<domain>/<i>`;
-    benchmarks without domains, `<benchmark>/<i>`, have none)."""
+    """The records of each domain, domains in first-seen order, from the ids (`benchmarks.domain_of`;
+    benchmarks without domains have none)."""
+    from tah.eval.benchmarks import domain_of
+
     out: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
-        if r["id"].count("/") >= 2:
-            out.setdefault(r["id"].split("/")[1], []).append(r)
+        if (dom := domain_of(r["id"])) is not None:
+            out.setdefault(dom, []).append(r)
     return out
 
 

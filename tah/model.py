@@ -298,8 +298,8 @@ class TaHForCausalLM(nn.Module):
         flat = valid.reshape(-1).nonzero().squeeze(1)  # tokens running depth 1
         # v1 with logits_at: the deepest depth's head runs on the returned tokens only (every other token's
         # logits there feed nothing); shallower depths need theirs for the decider's top-k.
-        want = torch.arange(B, device=dev) * T + logits_at if logits_at is not None and not mix \
-            and labels is None and not return_depth_states else None
+        at_flat = torch.arange(B, device=dev) * T + logits_at if logits_at is not None else None  # (B,)
+        want = at_flat if not mix and labels is None and not return_depth_states else None
         last_flat = None  # the flat indices of cum_lists[-1]'s rows when the last depth ran restricted
         layouts: list[Layout] = []
         cum_lists: list[torch.Tensor] = []  # per depth: (N_d, V) cumulative (v1) or own (mixture) logits
@@ -369,17 +369,16 @@ class TaHForCausalLM(nn.Module):
         for d, lay in enumerate(layouts, start=1):
             run_depth[lay.flat] = d
         log_w = mixture_log_weights(cfg.combine, layouts, conts, dec_parts, run_depth, emb.weight) if mix else None
-        if mix and logits_at is not None:
-            want = torch.arange(B, device=dev) * T + logits_at
-            logits = mixture_logits(layouts, cum_lists, conts, log_w, B * T, emb.weight)[want]
+        if mix and at_flat is not None:
+            logits = mixture_logits(layouts, cum_lists, conts, log_w, B * T, emb.weight)[at_flat]
         elif mix:
             logits = mixture_logits(layouts, cum_lists, conts, log_w, B * T, emb.weight).view(B, T, -1) \
                 if return_logits else None
-        elif logits_at is not None:
+        elif at_flat is not None:
             flats = [lay.flat for lay in layouts]
             if last_flat is not None:
                 flats[-1] = last_flat
-            logits = deepest_logits_at(flats, cum_lists, torch.arange(B, device=dev) * T + logits_at, B * T, emb.weight)
+            logits = deepest_logits_at(flats, cum_lists, at_flat, B * T, emb.weight)
         else:
             logits = assemble_logits(layouts, cum_lists, B * T, emb.weight).view(B, T, -1) if return_logits else None
         decider_logits = None

@@ -206,7 +206,6 @@ def create_exclusive(uri: str | Path, data: bytes) -> bool:
         Path(tmp).unlink(missing_ok=True)
 
 
-
 def claim(uri: str | Path, ident: dict) -> tuple[list[str], dict]:
     """Record `ident` (a JSON object) at `uri` if nothing is there (exclusively, see create_exclusive),
     else compare with what is recorded. Returns the top-level keys whose values differ ([] when this

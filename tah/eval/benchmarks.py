@@ -96,6 +96,12 @@ def _mbpp(r: dict, bench: str, i: int) -> Problem:
     return Problem(f"{bench}/{r['task_id']}", bench, "code", prompt, tests=tests)
 
 
+def domain_of(problem_id: str) -> str | None:
+    """The domain in a problem id: `<benchmark>/<domain>/<i>` (tinytask); None for `<benchmark>/<i>`."""
+    parts = problem_id.split("/")
+    return parts[1] if len(parts) >= 3 else None
+
+
 def _tinytask(r: dict, bench: str, i: int) -> Problem:
     domain = r["source"].split("/")[-1]
     kind = {"math": "math", "mental": "math", "science": "choice", "code": "code"}[domain]
@@ -164,8 +170,8 @@ def load_benchmark(name: str, source: str | None = None, limit: int | None = Non
         out.append(spec.convert(r, name, i))
     if name == "tinytask" and limit is not None:  # an even share of each domain, interleaved
         by_domain: dict[str, list[Problem]] = {}
-        for p in out:  # ids are tinytask/<domain>/<i>
-            by_domain.setdefault(p.id.split("/")[1], []).append(p)
+        for p in out:
+            by_domain.setdefault(domain_of(p.id), []).append(p)
         mixed = [p for group in zip(*by_domain.values()) for p in group]
         out = mixed[:limit]
     if not out:
