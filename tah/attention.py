@@ -104,28 +104,55 @@ class MixedDecodeSpec:
     (B_deep,) also see deeper keys, handed over as a second (B_deep, Hkv, D_deep, W2, D) tensor."""
     deep_valid: torch.Tensor | None = None
     """(B_deep, D_deep, W2): which of those deeper keys each of them sees."""
+    blocked: bool = False
+    """Keys (the depth-1 ones in the split form) arrive as the paged pool's gathered blocks
+    (B, D_vis, nb, Hkv, u, D), W = nb * u, and are multiplied block by block where they lie."""
+
+
+def _scores(q: torch.Tensor, key: torch.Tensor, blocked: bool, scaling: float) -> torch.Tensor:
+    """q (B, Hkv, g, D) against a window (B, Hkv, Dv, W, D) or gathered blocks (B, Dv, nb, Hkv, u, D)
+    -> scaled scores (B, Hkv, g, Dv, W) in fp32."""
+    B, Hkv, g, D = q.shape
+    if blocked:  # one (g, D) x (D, u) product per (row, depth, block, head), batched over all four
+        s = torch.matmul(q.reshape(B, 1, 1, Hkv, g, D), key.transpose(-1, -2))  # (B, Dv, nb, Hkv, g, u)
+        s = s.permute(0, 3, 4, 1, 2, 5).reshape(B, Hkv, g, key.shape[1], -1)
+    else:
+        s = torch.matmul(q.reshape(B, Hkv, 1, g, D), key.transpose(-1, -2)).transpose(2, 3)  # (B, Hkv, g, Dv, W)
+    return s.float() * scaling
+
+
+def _weighted(p: torch.Tensor, value: torch.Tensor, blocked: bool) -> torch.Tensor:
+    """Probabilities (B, Hkv, g, Dv, W) over values laid out as `_scores`' keys -> (B, Hkv, g, D)."""
+    B, Hkv, g, Dv, W = p.shape
+    p = p.to(value.dtype)
+    if blocked:
+        nb, u = value.shape[2], value.shape[4]
+        pb = p.reshape(B, Hkv, g, Dv, nb, u).permute(0, 3, 4, 1, 2, 5)  # (B, Dv, nb, Hkv, g, u)
+        return torch.matmul(pb, value).sum((1, 2))  # (B, Dv, nb, Hkv, g, D) -> (B, Hkv, g, D)
+    return torch.matmul(p.transpose(2, 3), value).sum(2)  # (B, Hkv, Dv, g, D) -> (B, Hkv, g, D)
 
 
 def _mixed_decode_split(query: torch.Tensor, key: tuple[torch.Tensor, torch.Tensor],
                         value: tuple[torch.Tensor, torch.Tensor], spec: MixedDecodeSpec,
                         scaling: float) -> torch.Tensor:
     """The split form: every row attends over the depth-1 window, the deeper rows over it and their
-    deeper keys jointly (one softmax). query (B, H, 1, D) -> (B, H, 1, D)."""
+    deeper keys jointly (one softmax). query (B, H, 1, D) -> (B, H, 1, D); the deeper keys
+    (B_deep, Hkv, D_deep, W2, D) are a window."""
     (k1, kd), (v1, vd) = key, value
     B, H, _, D = query.shape
-    Hkv, Dd, W2 = k1.shape[1], kd.shape[2], kd.shape[3]
+    Hkv, Dd, W2 = kd.shape[1], kd.shape[2], kd.shape[3]
     g = H // Hkv
     rows = spec.deep_rows
-    q = query.reshape(B, Hkv, 1, g, D)
-    s1 = torch.matmul(q, k1.transpose(-1, -2)).float() * scaling  # (B, Hkv, 1, g, W)
-    s1 = s1.masked_fill(~spec.k_valid[:, None, :, None, :], float("-inf"))[:, :, 0]  # (B, Hkv, g, W)
+    q = query.reshape(B, Hkv, g, D)
+    s1 = _scores(q, k1, spec.blocked, scaling)[:, :, :, 0]  # (B, Hkv, g, W)
+    s1 = s1.masked_fill(~spec.k_valid[:, None, :, :], float("-inf"))
     W = s1.shape[-1]
-    sd = torch.matmul(q.index_select(0, rows), kd.transpose(-1, -2)).float() * scaling  # (B_d, Hkv, Dd, g, W2)
+    sd = torch.matmul(q.index_select(0, rows)[:, :, None], kd.transpose(-1, -2)).float() * scaling  # (B_d, Hkv, Dd, g, W2)
     sd = sd.masked_fill(~spec.deep_valid[:, None, :, None, :], float("-inf"))
     sd = sd.transpose(2, 3).reshape(rows.numel(), Hkv, g, Dd * W2)
     joint = torch.softmax(torch.cat([s1.index_select(0, rows), sd], dim=-1), dim=-1)  # (B_d, Hkv, g, W + Dd W2)
     p1 = torch.softmax(s1, dim=-1).index_copy(0, rows, joint[..., :W])
-    out = torch.matmul(p1.to(v1.dtype), v1[:, :, 0])  # (B, Hkv, g, D)
+    out = _weighted(p1[:, :, :, None], v1, spec.blocked)  # (B, Hkv, g, D)
     pd = joint[..., W:].reshape(rows.numel(), Hkv, g, Dd, W2).transpose(2, 3).to(vd.dtype)  # (B_d, Hkv, Dd, g, W2)
     out = out.index_add(0, rows, torch.matmul(pd, vd).sum(2))
     return out.reshape(B, H, 1, D)
@@ -133,20 +160,17 @@ def _mixed_decode_split(query: torch.Tensor, key: tuple[torch.Tensor, torch.Tens
 
 def _mixed_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: MixedDecodeSpec,
                   scaling: float) -> torch.Tensor:
-    """query (B, H, 1, D), key/value (B, Hkv, Dv, W, D) -> (B, H, 1, D); softmax over (Dv, W) jointly.
-
-    Batched matmuls over (B, Hkv, Dv) read the strided cache view in place; query heads are grouped
-    by their KV head (GQA) instead of repeating K/V."""
+    """query (B, H, 1, D), keys/values as `_scores` takes them -> (B, H, 1, D); softmax over (Dv, W)
+    jointly. Batched matmuls read the cache's window view (or the gathered blocks) in place; query
+    heads are grouped by their KV head (GQA) instead of repeating K/V."""
     B, H, _, D = query.shape
-    Hkv, Dv, W = key.shape[1], key.shape[2], key.shape[3]
+    Hkv = key.shape[3] if spec.blocked else key.shape[1]
     g = H // Hkv
-    q = query.reshape(B, Hkv, 1, g, D)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # (B, Hkv, Dv, g, W)
-    scores = scores.masked_fill(~spec.k_valid[:, None, :, None, :], float("-inf"))
-    probs = torch.softmax(scores.transpose(2, 3).reshape(B, Hkv, g, Dv * W), dim=-1)
-    probs = probs.reshape(B, Hkv, g, Dv, W).transpose(2, 3).to(value.dtype)  # (B, Hkv, Dv, g, W)
-    out = torch.matmul(probs, value).sum(2)  # (B, Hkv, g, D)
-    return out.reshape(B, H, 1, D)
+    s = _scores(query.reshape(B, Hkv, g, D), key, spec.blocked, scaling)  # (B, Hkv, g, Dv, W)
+    s = s.masked_fill(~spec.k_valid[:, None, None], float("-inf"))
+    Dv, W = s.shape[3], s.shape[4]
+    probs = torch.softmax(s.reshape(B, Hkv, g, Dv * W), dim=-1).reshape(B, Hkv, g, Dv, W)
+    return _weighted(probs, value, spec.blocked).reshape(B, H, 1, D)
 
 
 def _reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DuoCausalSpec,

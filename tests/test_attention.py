@@ -199,3 +199,55 @@ def test_flash_backend_logic_with_standin(monkeypatch):
     model, _ = make(max_depth=2, attn_backend="flash")
     with pytest.raises(RuntimeError, match="needs the flash-attn package"):
         model(ids, attention_mask=mask)
+
+
+def _loop_decode(q, keys, values, valid, scaling):
+    """Per row and head: softmax over that row's visible keys, written out. q (B, H, D); keys/values per
+    row a list of (n_r, Hkv, D); valid per row (n_r,) bool."""
+    B, H, D = q.shape
+    out = torch.zeros(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        k, v = keys[b][valid[b]].double(), values[b][valid[b]].double()
+        g = H // k.shape[1]
+        for h in range(H):
+            p = torch.softmax(k[:, h // g] @ q[b, h].double() * scaling, 0)
+            out[b, h] = p @ v[:, h // g]
+    return out
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_mixed_decode_on_gathered_blocks_equals_a_per_row_loop(split):
+    """The engine's decode attention, keys as a window (the reference cache) and as gathered paged blocks
+    (B, Dv, nb, Hkv, u, D), against softmax over each row's visible keys written out per row and head
+    (GQA 2 query heads per KV head; two depths, several blocks, rows of different lengths)."""
+    from tah.attention import MixedDecodeSpec, _mixed_decode, _mixed_decode_split
+
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, D, Dv, nb, u = 5, 4, 2, 8, 2, 3, 4
+    q = torch.randn(B, H, 1, D, generator=g)
+    kb, vb = torch.randn(2, B, Dv, nb, Hkv, u, D, generator=g)  # gathered blocks
+    valid = torch.rand(B, Dv, nb * u, generator=g) > 0.3
+    valid[:, 0, 0] = True
+    dense = lambda x: x.permute(0, 3, 1, 2, 4, 5).reshape(B, Hkv, x.shape[1], nb * u, D)  # noqa: E731 (window)
+    flat = lambda x: x.permute(0, 1, 2, 4, 3, 5).reshape(B, -1, Hkv, D)  # noqa: E731 (each row's keys in order)
+    if not split:
+        want = _loop_decode(q[:, :, 0], flat(kb), flat(vb), valid.reshape(B, -1), 0.3)
+        for blocked, k, v in [(False, dense(kb), dense(vb)), (True, kb, vb)]:
+            got = _mixed_decode(q, k, v, MixedDecodeSpec(k_valid=valid, blocked=blocked), 0.3)
+            torch.testing.assert_close(got[:, :, 0].double(), want, atol=1e-5, rtol=1e-5)
+        return
+    # Split form: depth-1 keys for every row (depth index 0 of the blocks), deeper keys for rows 1 and 3.
+    rows = torch.tensor([1, 3])
+    kd, vd = torch.randn(2, 2, Hkv, 2, 3, D, generator=g)  # (B_deep, Hkv, D_deep, W2, D) windows
+    dvalid = torch.rand(2, 2, 3, generator=g) > 0.4
+    k1, v1, val1 = kb[:, :1], vb[:, :1], valid[:, :1]
+    keys, values, vis = list(flat(k1)), list(flat(v1)), list(val1.reshape(B, -1))
+    for j, r in enumerate(rows.tolist()):
+        keys[r] = torch.cat([keys[r], kd[j].permute(1, 2, 0, 3).reshape(-1, Hkv, D)])
+        values[r] = torch.cat([values[r], vd[j].permute(1, 2, 0, 3).reshape(-1, Hkv, D)])
+        vis[r] = torch.cat([vis[r], dvalid[j].reshape(-1)])
+    want = _loop_decode(q[:, :, 0], keys, values, vis, 0.3)
+    for blocked, k, v in [(False, dense(k1), dense(v1)), (True, k1, v1)]:
+        spec = MixedDecodeSpec(k_valid=val1, deep_rows=rows, deep_valid=dvalid, blocked=blocked)
+        got = _mixed_decode_split(q, (k, kd), (v, vd), spec, 0.3)
+        torch.testing.assert_close(got[:, :, 0].double(), want, atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ import torch
 
 from tah.engine import (BlockPool, Engine, EngineConfig, OutputProcessor, Request, RequestError, RequestStats,
                         SamplingParams, Scheduler, SeqKV, TokenEvent)
-from tah.engine.kv import DeepPayload, NoFreeBlocks
+from tah.engine.kv import DeepPayload, NoFreeBlocks, windows
 
 from .helpers import make
 from .test_engine import _model_with_mixed_depths, _prompts
@@ -325,15 +325,16 @@ def test_block_pool_deep_blocks_split_return_and_address_the_same_memory():
     x = torch.randn(2, 1, 2)  # (slots, Hkv, D)
     s = b[-1]
     slots = torch.tensor([s * 2, s * 2 + 1])
-    pool.write(1, slots, x, -x)
-    assert torch.equal(pool.k[1][s // 4, (s % 4) * 2:(s % 4) * 2 + 2], x)
-    assert torch.equal(pool.v[1][s // 4, (s % 4) * 2:(s % 4) * 2 + 2], -x)
-    g = pool.gather(1, torch.tensor([[[s]]]), "k", 2)  # (1, Hkv, 1, 2, D)
-    assert torch.equal(g[0, :, 0], x.transpose(0, 1))
+    pool.write(1, slots, x, -x)  # the pool is (blocks, Hkv, slots, D)
+    assert torch.equal(pool.k[1][s // 4, :, (s % 4) * 2:(s % 4) * 2 + 2], x.transpose(0, 1))
+    assert torch.equal(pool.v[1][s // 4, :, (s % 4) * 2:(s % 4) * 2 + 2], -x.transpose(0, 1))
+    assert torch.equal(pool.read(1, "k", slots), x) and torch.equal(pool.read(1, "v", slots), -x)
+    g = pool.gather(1, torch.tensor([[[s]]]), "k", 2)  # (1, 1, 1, Hkv, 2, D)
+    assert torch.equal(g[0, 0, 0], x.transpose(0, 1))
     y = torch.randn(8, 1, 2)
     pool.write(0, torch.arange(8) + d1[0] * 8, y, y)
-    whole = pool.gather(0, torch.tensor([[d1]]), "k", 8)
-    pieces = pool.gather(0, torch.tensor([[[d1[0] * 4 + p for p in range(4)]]]), "k", 2)
+    whole = windows(pool.gather(0, torch.tensor([[d1]]), "k", 8))  # (1, Hkv, 1, 8, D)
+    pieces = windows(pool.gather(0, torch.tensor([[[d1[0] * 4 + p for p in range(4)]]]), "k", 2))
     assert torch.equal(whole, pieces) and torch.equal(whole[0, :, 0], y.transpose(0, 1))
     # A split block goes back to the pool when its last deep block is freed, not before.
     first = [x for x in a + b if x // 4 == a[0] // 4]
