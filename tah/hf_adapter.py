@@ -256,27 +256,25 @@ def lora_on_rows(layers: list[BaseTunerLayer], rows: torch.Tensor) -> Iterator[N
     in lora_A's dtype for vanilla LoRA (`lora_variant` empty: a variant such as DoRA is refused).
     """
     last: list[Any] = [None, None]  # (input tensor, its gathered rows): q/k/v and gate/up share their input
+    adapters: dict[BaseTunerLayer, list[tuple]] = {}  # per layer, read once per block (not per call)
 
     def add_delta(m: BaseTunerLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        if not isinstance(m, LoraLinear) or any(n in m.lora_variant for n in m.active_adapters):
-            raise NotImplementedError(f"row-gathered LoRA runs vanilla LoRA on Linear layers, not {type(m).__name__} "
-                                      f"with variants {sorted(m.lora_variant)}")
         x = args[0]
+        every = rows.numel() == x.shape[0]  # (rows are sorted and unique: all of them, no gather)
         if last[0] is not x:
-            last[0], last[1] = x, x.index_select(0, rows)
+            last[0], last[1] = x, x if every else x.index_select(0, rows)
         xs = last[1]
-        for name in m.active_adapters:
-            if name not in m.lora_A:
-                continue
-            a, b = m.lora_A[name], m.lora_B[name]
+        for a, b, drop, scale in adapters[m]:
             xa = xs.to(a.weight.dtype)
             if m.training:  # (dropout is the identity in eval: not called, per-call overhead saved)
-                xa = m.lora_dropout[name](xa)
+                xa = drop(xa)
             delta = F.linear(F.linear(xa, a.weight, a.bias), b.weight, b.bias).to(out.dtype)
             if out.requires_grad:
-                out = out.index_add(0, rows, delta, alpha=m.scaling[name])
-            else:  # (the base layer's fresh output: added into in place)
-                out.index_add_(0, rows, delta, alpha=m.scaling[name])
+                out = out.add(delta, alpha=scale) if every else out.index_add(0, rows, delta, alpha=scale)
+            elif every:  # (the base layer's fresh output: added into in place)
+                out.add_(delta, alpha=scale)
+            else:
+                out.index_add_(0, rows, delta, alpha=scale)
         return out
 
     # Only the enabled layers are switched (usually none: forward leaves them off); a module's
@@ -287,6 +285,12 @@ def lora_on_rows(layers: list[BaseTunerLayer], rows: torch.Tensor) -> Iterator[N
         for m in switched:
             m._disable_adapters = True
         if rows.numel():  # (no rows: the base layers alone)
+            for m in layers:
+                if not isinstance(m, LoraLinear) or any(n in m.lora_variant for n in m.active_adapters):
+                    raise NotImplementedError(f"row-gathered LoRA runs vanilla LoRA on Linear layers, not "
+                                              f"{type(m).__name__} with variants {sorted(m.lora_variant)}")
+                adapters[m] = [(m.lora_A[n], m.lora_B[n], m.lora_dropout[n], m.scaling[n])
+                               for n in m.active_adapters if n in m.lora_A]
             handles = [m.register_forward_hook(add_delta) for m in layers]
         yield
     finally:
@@ -295,6 +299,7 @@ def lora_on_rows(layers: list[BaseTunerLayer], rows: torch.Tensor) -> Iterator[N
         for m in switched:
             m._disable_adapters = False
         last[0] = last[1] = None
+        adapters.clear()
 
 
 def is_lora_param(name: str) -> bool:
