@@ -123,7 +123,7 @@ def _scores(q: torch.Tensor, key: torch.Tensor, blocked: bool, scaling: float) -
 
 def _weighted(p: torch.Tensor, value: torch.Tensor, blocked: bool) -> torch.Tensor:
     """Probabilities (B, Hkv, g, Dv, W) over values laid out as `_scores`' keys -> (B, Hkv, g, D)."""
-    B, Hkv, g, Dv, W = p.shape
+    B, Hkv, g, Dv, _ = p.shape
     p = p.to(value.dtype)
     if blocked:
         nb, u = value.shape[2], value.shape[4]

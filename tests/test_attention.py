@@ -228,8 +228,12 @@ def test_mixed_decode_on_gathered_blocks_equals_a_per_row_loop(split):
     kb, vb = torch.randn(2, B, Dv, nb, Hkv, u, D, generator=g)  # gathered blocks
     valid = torch.rand(B, Dv, nb * u, generator=g) > 0.3
     valid[:, 0, 0] = True
-    dense = lambda x: x.permute(0, 3, 1, 2, 4, 5).reshape(B, Hkv, x.shape[1], nb * u, D)  # noqa: E731 (window)
-    flat = lambda x: x.permute(0, 1, 2, 4, 3, 5).reshape(B, -1, Hkv, D)  # noqa: E731 (each row's keys in order)
+    def dense(x):  # the cache's window (B, Hkv, Dv, W, D)
+        return x.permute(0, 3, 1, 2, 4, 5).reshape(B, Hkv, x.shape[1], nb * u, D)
+
+    def flat(x):  # each row's keys in order (B, Dv * W, Hkv, D)
+        return x.permute(0, 1, 2, 4, 3, 5).reshape(B, -1, Hkv, D)
+
     if not split:
         want = _loop_decode(q[:, :, 0], flat(kb), flat(vb), valid.reshape(B, -1), 0.3)
         for blocked, k, v in [(False, dense(kb), dense(vb)), (True, kb, vb)]:
