@@ -247,7 +247,8 @@ def lora_on_rows(layers: list[BaseTunerLayer], rows: torch.Tensor) -> Iterator[N
     The rows are gathered, run through A then B (rank r) and added into the base output at those rows
     (index_add, alpha = alpha / r), as multi-LoRA servers apply an adapter to its own rows (BGMV/SGMV):
     the same value as base(x) + B(A(x)) * scaling on those rows, and no adapter work on the others.
-    Layers that share an input (q/k/v, gate/up) share one gather.
+    Layers that share an input (q/k/v, gate/up) share one gather; when the rows are the whole batch (a
+    deep step at batch 1, AlwaysThink) there is no gather and the delta is added in place.
 
     Relies on (checked: peft 0.21.2): with `_disable_adapters` set, a LoRA Linear's forward is its
     `base_layer(x)` (the block sets it and restores it after; a forward hook adds the delta); the input
