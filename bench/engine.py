@@ -18,6 +18,7 @@ printed) -- or pass a trained checkpoint. Standard and AlwaysThink are the same 
     python bench/engine.py --model $(python -m tah.real_model --path)   # a real HF model, TaH calibrated on it
     python bench/engine.py --size smollm2-135m                         # its shape (Llama), random weights
     python bench/engine.py --batches 32 --profile 40     # where a step's time goes: Standard vs TaH, per op
+    python bench/engine.py --batches 32 --parts 100      # the same per engine part, timed without the profiler
 """
 
 from __future__ import annotations
@@ -117,38 +118,105 @@ def calibrate(model, vocab: int, args: argparse.Namespace, n: int = 8) -> float:
     return float(torch.quantile(gen.flatten(), 1 - args.share))
 
 
+PARTS = ["schedule", "prefill", "decode (all below)", "  decode_step", "    self_attn (all below)",
+         "      KV write + gather", "      attention", "    mlp", "    lm_head", "  decider MLP", "sample + outputs"]
+
+
 @contextlib.contextmanager
-def _regions(eng, model):
-    """Label the engine's parts as profiler regions (instance attributes over the methods, removed after)."""
-    from torch.profiler import record_function
+def _regions(eng, model, region):
+    """Wrap the engine's parts (PARTS) in `region(label)`, a context manager: a profiler region, or a timer.
+    Instance attributes over the methods (module functions for attention), removed after. The layers'
+    parts are counted inside the decode pass only."""
+    import tah.attention as attn
+    from tah import hf_adapter
+    from tah.engine import kv
+
+    decoding = [False]  # the parts inside decode count only there (prefill runs the same layers)
 
     def wrap(obj, name, label):
         f = getattr(obj, name)
+        inner = label.startswith("    ")
 
         @functools.wraps(f)
         def run(*a, **k):
-            with record_function(label):
+            if inner and not decoding[0]:
                 return f(*a, **k)
+            top = label == "decode (all below)"
+            decoding[0] |= top
+            try:
+                with region(label):
+                    return f(*a, **k)
+            finally:
+                if top:
+                    decoding[0] = False
         setattr(obj, name, run)
-        return obj, name
+        return obj, name, f
 
+    parts = hf_adapter.decoder_parts(model.backbone)
     done = [wrap(eng.scheduler, "schedule", "schedule"), wrap(eng.runner, "prefill", "prefill"),
             wrap(eng.runner, "decode", "decode (all below)"), wrap(model, "decode_step", "  decode_step"),
-            wrap(eng.outputs, "process", "sample + outputs")]
+            wrap(model, "decode_step_mix", "  decode_step"), wrap(eng.outputs, "process", "sample + outputs"),
+            wrap(parts.lm_head, "forward", "    lm_head"), wrap(attn, "_mixed_decode", "      attention"),
+            wrap(attn, "_mixed_decode_split", "      attention"),
+            wrap(kv._PagedMixedView, "update", "      KV write + gather")]
+    for layer in parts.layers:
+        done += [wrap(layer.self_attn, "forward", "    self_attn (all below)"), wrap(layer.mlp, "forward", "    mlp")]
     if model.decider is not None:
         done.append(wrap(model.decider, "forward", "  decider MLP"))
     try:
         yield
     finally:
-        for obj, name in done:
-            delattr(obj, name)
+        for obj, name, f in reversed(done):
+            if isinstance(obj, type) or obj is attn:  # a class or module attribute: put the original back
+                setattr(obj, name, f)
+            else:
+                delattr(obj, name)
+
+
+class _Timer:
+    """A region that adds its wall time to acc[label] (inclusive: nested parts are also in their parent)."""
+
+    def __init__(self, acc: dict[str, float]) -> None:
+        self.acc, self.stack = acc, []
+
+    def __call__(self, label: str) -> "_Timer":
+        self.stack.append((label, time.perf_counter()))
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        label, t0 = self.stack.pop()
+        self.acc[label] = self.acc.get(label, 0.0) + time.perf_counter() - t0
+
+
+def parts(make_engine, model, steps: int, rounds: int = 4) -> None:
+    """Steady-state steps of Standard and TaH timed per part with perf_counter (no profiler: under
+    torch.profiler small ops read several times their real cost), interleaved in `rounds`."""
+    engines = {"standard": make_engine("standard"), "tah": make_engine("decider")}  # warmed to steady state
+    acc: dict[str, dict[str, float]] = {k: {} for k in engines}
+    whole = dict.fromkeys(engines, 0.0)
+    for r in range(rounds):
+        n = steps // rounds + (r < steps % rounds)
+        for name, eng in engines.items():
+            with _regions(eng, model, _Timer(acc[name])):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    eng.step()
+                whole[name] += time.perf_counter() - t0
+    print("| part (inclusive) | Standard ms/step | TaH ms/step |\n|---|---|---|")
+    print(f"| whole step | {whole['standard'] / steps * 1e3:.2f} | {whole['tah'] / steps * 1e3:.2f} |")
+    for lab in PARTS:
+        s, t = (acc[k].get(lab, 0.0) / steps * 1e3 for k in engines)
+        print(f"| {lab} | {s:.2f} | {t:.2f} |")
 
 
 def profile(make_engine, model, steps: int, rounds: int = 4, top: int = 18) -> None:
     """Steady-state steps of Standard and TaH under torch.profiler, interleaved in `rounds` so that machine
     noise hits both alike: ms/step per engine part and per op (self CPU time, summed over the op's calls),
     TaH's costliest ops first with Standard beside them."""
-    from torch.profiler import ProfilerActivity
+    from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
 
     engines = {"standard": make_engine("standard"), "tah": make_engine("decider")}  # warmed to steady state
@@ -156,7 +224,7 @@ def profile(make_engine, model, steps: int, rounds: int = 4, top: int = 18) -> N
     for r in range(rounds):
         n = steps // rounds + (r < steps % rounds)
         for name, eng in engines.items():
-            with _regions(eng, model), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            with _regions(eng, model, record_function), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(n):
                     eng.step()
             for e in prof.key_averages():
@@ -164,7 +232,7 @@ def profile(make_engine, model, steps: int, rounds: int = 4, top: int = 18) -> N
                 acc[0] += e.cpu_time_total / steps / 1e3
                 acc[1] += e.self_cpu_time_total / steps / 1e3
                 acc[2] += e.count / steps
-    labels = ["schedule", "prefill", "decode (all below)", "  decode_step", "  decider MLP", "sample + outputs"]
+    labels = PARTS
     total = {k: sum(v[1] for v in r.values()) for k, r in res.items()}
     print("| part | Standard ms/step | TaH ms/step |\n|---|---|---|")
     print(f"| whole step (profiled) | {total['standard']:.2f} | {total['tah']:.2f} |")
@@ -194,6 +262,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="instead of timing: profile STEPS steady-state steps of Standard and TaH per batch")
+    ap.add_argument("--parts", type=int, default=0, metavar="STEPS",
+                    help="instead of timing: STEPS steady-state steps of Standard and TaH timed per part, no profiler")
     args = ap.parse_args()
     from tah.engine import Engine, EngineConfig
     from tah.engine import SamplingParams as SP
@@ -204,7 +274,7 @@ def main() -> None:
     print(f"# engine decode, {what}, device {dev}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.waves} x batch requests, "
           f"temperature {args.temperature}, TaH threshold {thr:.4f}")
-    if not args.profile:
+    if not (args.profile or args.parts):
         print("| batch | method | tokens/s | share depth 2 | ÷ Standard | ")
         print("|---|---|---|---|---|")
     for B in args.batches:
@@ -227,9 +297,12 @@ def main() -> None:
                 eng.step()
             return eng
 
-        if args.profile:
-            print(f"\n## batch {B}: {args.profile} steady-state steps\n")
-            profile(steady_engine, model, args.profile)
+        if args.profile or args.parts:
+            print(f"\n## batch {B}: {args.profile or args.parts} steady-state steps\n")
+            if args.parts:
+                parts(steady_engine, model, args.parts)
+            else:
+                profile(steady_engine, model, args.profile)
             continue
 
         def run_engine(policy):
