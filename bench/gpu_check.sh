@@ -5,7 +5,8 @@
 #      (WHEELS=dir: install from carried wheels only, for machines without a package index);
 #   2. the `gpu`-marked tests (every attention backend in bf16/fp32 forward+backward vs the reference,
 #      a 2-GPU NCCL DeepSpeed step, the engine vs HF generate), 2. the GPU benchmarks (attention
-#      backends, engine decode on a Qwen3-0.6B-shaped random model, train step);
+#      backends, engine decode on a Qwen3-0.6B-shaped random model, TaH2 M=2 decode against its 1/d̄
+#      limit on the small and medium models (#15's target), train step);
 #   3. one table: each step, its status and seconds; the benchmark tables follow it under gpu-check/.
 # Without CUDA it says so and exits 0.
 set -uo pipefail
@@ -48,12 +49,13 @@ step() {  # name, timeout seconds, command...
 step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 step bench-attention 120 "$PY" bench/attention.py --seqlens 1024 4096 --repeats 3
 step bench-engine 150 "$PY" bench/engine.py --size qwen3-0.6b --batches 1 32 --repeats 3
+step bench-tah2-decode 90 "$PY" bench/tah2_decode.py --sizes small medium --batches 1 32 --repeats 2
 step bench-train-step 90 "$PY" bench/train_step.py
 echo
 echo "| step | status | seconds | log |"
 echo "|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 echo
-for f in tests bench-attention bench-engine bench-train-step; do
+for f in tests bench-attention bench-engine bench-tah2-decode bench-train-step; do
   echo "## $f"; grep -E '^\||passed|failed|skipped|error' "$OUT/$f.log" | tail -40; echo
 done
