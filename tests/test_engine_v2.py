@@ -408,3 +408,44 @@ def test_block_pool_random_churn_never_hands_out_a_slot_twice():
     pool.free(big)
     pool.free_deep(deep)
     assert pool.num_free == 6 and pool.num_split == pool.num_deep_free == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_reads_the_pool_exactly(dtype):
+    """Two rows of 7 and 13 depth-1 entries in 4-slot blocks (several blocks, a partial last one), one new
+    token each: the decode pass's keys read through the block tables, then attention, equal softmax
+    attention over each row's own keys written out here. fp32 pools are multiplied block by block in
+    place; half-precision pools read a window (one rounding of the weighted sum)."""
+    from collections import Counter
+
+    from tah.attention import _mixed_decode
+    from tah.engine.kv import PagedBatch, SeqKV
+
+    g = torch.Generator().manual_seed(0)
+    Hkv, H, D, lens = 2, 4, 8, [7, 13]
+    pool = BlockPool(16, 4, 1, Hkv, D, dtype, "cpu")
+    seqs = [SeqKV(1), SeqKV(1)]
+    keys, values = [], []
+    fill = PagedBatch(pool, seqs, 1, "duo_causal")
+    for i, n in enumerate(lens):
+        k, v = torch.randn(2, n + 1, Hkv, D, generator=g).to(dtype)
+        keys.append(k), values.append(v)
+        slots = fill._reserve([i], 0, [n])
+        pool.write(0, slots, k[:n], v[:n])
+        pool.pos.view(-1)[slots] = torch.arange(n)
+    batch = PagedBatch(pool, seqs, 1, "duo_causal")
+    view = batch.begin_mixed(torch.tensor([1, 1]), torch.tensor(lens), Counter(), split_deep=True)
+    assert view.spec.blocked == (dtype == torch.float32)
+    new_k = torch.stack([k[-1] for k in keys])[:, :, None]  # (2, Hkv, 1, D)
+    new_v = torch.stack([v[-1] for v in values])[:, :, None]
+    k, v = view.update(new_k, new_v, 0)
+    q = torch.randn(2, H, 1, D, generator=g).to(dtype)
+    got = _mixed_decode(q, k, v, view.spec, 0.3).float()  # (2, H, 1, D)
+    for i in range(2):
+        kk, vv = keys[i].double(), values[i].double()  # (n + 1, Hkv, D): every key the row has
+        for h in range(H):
+            p = torch.softmax(kk[:, h // 2] @ q[i, h, 0].double() * 0.3, 0)
+            want = p @ vv[:, h // 2]
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(got[i, h, 0].double(), want, atol=tol, rtol=tol)
+    assert pool.num_used == 2 + 4  # ceil(8 / 4) + ceil(14 / 4) blocks held
