@@ -421,6 +421,8 @@ def test_paged_decode_attention_reads_the_pool_exactly(dtype):
     from tah.attention import _mixed_decode
     from tah.engine.kv import PagedBatch, SeqKV
 
+    from .test_attention import _loop_decode
+
     g = torch.Generator().manual_seed(0)
     Hkv, H, D, lens = 2, 4, 8, [7, 13]
     pool = BlockPool(16, 4, 1, Hkv, D, dtype, "cpu")
@@ -440,12 +442,9 @@ def test_paged_decode_attention_reads_the_pool_exactly(dtype):
     new_v = torch.stack([v[-1] for v in values])[:, :, None]
     k, v = view.update(new_k, new_v, 0)
     q = torch.randn(2, H, 1, D, generator=g).to(dtype)
-    got = _mixed_decode(q, k, v, view.spec, 0.3).float()  # (2, H, 1, D)
-    for i in range(2):
-        kk, vv = keys[i].double(), values[i].double()  # (n + 1, Hkv, D): every key the row has
-        for h in range(H):
-            p = torch.softmax(kk[:, h // 2] @ q[i, h, 0].double() * 0.3, 0)
-            want = p @ vv[:, h // 2]
-            tol = 1e-5 if dtype == torch.float32 else 3e-2
-            torch.testing.assert_close(got[i, h, 0].double(), want, atol=tol, rtol=tol)
+    got = _mixed_decode(q, k, v, view.spec, 0.3)[:, :, 0].double()  # (2, H, D)
+    # every key each row has (n + 1, Hkv, D), all visible
+    want = _loop_decode(q[:, :, 0], keys, values, [torch.ones(n + 1, dtype=torch.bool) for n in lens], 0.3)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     assert pool.num_used == 2 + 4  # ceil(8 / 4) + ceil(14 / 4) blocks held

@@ -103,6 +103,10 @@ class BlockPool:
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.pos = torch.zeros(num_blocks, block_size, dtype=torch.long, device=self.device)
+        # Decode reads pool blocks in place (MixedDecodeSpec.blocked) except in half precision, where each
+        # block's partial output would be rounded before their sum: there the window is read (one matmul
+        # over it, one rounding), as before the pool was laid out by block.
+        self.blocks_in_place = dtype not in (torch.float16, torch.bfloat16)
         self.ref = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))  # free, not in the prefix cache
         self._evictable: OrderedDict[int, bytes] = OrderedDict()  # free but cached: LRU first
@@ -374,10 +378,6 @@ class PagedBatch:
         self.device = pool.device
         self.lengths = torch.tensor([s.lengths for s in seqs], dtype=torch.long, device=self.device).view(
             len(seqs), max_depth)  # (n, M)
-        # Decode reads pool blocks in place (MixedDecodeSpec.blocked) except in half precision, where each
-        # block's partial output would be rounded before their sum: there the window is read (one matmul
-        # over it, one rounding), as before the pool was laid out by block.
-        self.in_place = pool.k[0].dtype not in (torch.float16, torch.bfloat16)
 
     @property
     def seen_tokens(self) -> torch.Tensor:
@@ -476,7 +476,7 @@ class PagedBatch:
         exists = torch.arange(w, device=self.device)[None, None, :] < self.lengths[:, :n_vis, None]
         allowed = mixed_visibility(self.depth_attention, d0, n_vis, lambda: self.pool.pos.view(-1, unit)[tables]
                                    .reshape(n, n_vis, w) == q_pos[:, None, None])
-        spec = MixedDecodeSpec(k_valid=exists & allowed, counts=counts, blocked=unit == self.bs and self.in_place)
+        spec = MixedDecodeSpec(k_valid=exists & allowed, counts=counts, blocked=unit == self.bs and self.pool.blocks_in_place)
         return _PagedMixedView(self, slots, tables, unit, spec)
 
     def _begin_split(self, deep: list[int], depth_l: list[int], q_pos: torch.Tensor, slots: torch.Tensor,
@@ -501,7 +501,7 @@ class PagedBatch:
             pos = self.pool.pos.view(-1, self.dbs)[tables2].reshape(len(deep), n_vis - 1, w2)
             allowed = allowed & (pos == q_pos.index_select(0, deep_t)[:, None, None])
         spec = MixedDecodeSpec(k_valid=exists1, counts=counts, deep_rows=deep_t, deep_valid=exists & allowed,
-                               blocked=self.in_place)
+                               blocked=self.pool.blocks_in_place)
         return _PagedMixedView(self, slots, tables1, self.bs, spec, deep_tables=tables2)
 
 
