@@ -6,11 +6,17 @@ AlwaysThink buys), then compare greedy exact-answer accuracy on unseen questions
     python bench/depth_probe.py --family chain --ops 3 --train 8000           # pointer chasing, 4 lookups
 
     python bench/depth_probe.py --family swaps --ops 12 --train 20000          # state tracking, 12 swaps
+    python bench/depth_probe.py --family addn --ops 4 --train 30000           # four 2-digit numbers' sum
+    python bench/depth_probe.py --family addn --ops 4 --train 30000 --steps 4000 --finetune-steps 300
+
+`--finetune-steps N` trains as the pipeline trains AlwaysThink: one pass for --steps (the Standard
+base), then N steps more from those weights with one pass and with two (Standard's and AT's SFT).
 
 Families: `mental` = the shipped positive control's arithmetic (`tah.data.tinytask.make_mental`, answer
 emitted directly); `chain` = shuffled variable assignments `c=b;a=7;b=a;c?` (answer = the value reached
 after `ops + 1` lookups; one distractor pair, so chance is about 0.5); `swaps` = a ball under one of three
-cups after `ops` swaps (`a:ab ca bc?`, chance 1/3). Character-level, 8 pre-norm layers of
+cups after `ops` swaps (`a:ab ca bc?`, chance 1/3); `addn` = the sum of `ops` two-digit numbers, most
+significant digit first (`47+85+36+12=180;`). Character-level, 8 pre-norm layers of
 width 96 (the shipped base's shape), AdamW, cosine schedule. It prints one line per pass count and the
 difference; what it measured is in docs/results.md (§ Setup C, What was tried).
 """
@@ -18,6 +24,7 @@ difference; what it measured is in docs/results.md (§ Setup C, What was tried).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import random
 import time
@@ -55,6 +62,13 @@ def swaps(rng: random.Random, ops: int) -> tuple[str, str]:
     return f"{start}:{' '.join(moves)}?", f"{ball};"
 
 
+def addn(rng: random.Random, ops: int) -> tuple[str, str]:
+    """The sum of `ops` two-digit numbers, written most significant digit first: the first digit needs
+    every carry, so it is the whole computation; the space (90^ops questions) is too big to memorise."""
+    xs = [rng.randint(10, 99) for _ in range(ops)]
+    return "+".join(map(str, xs)) + "=", f"{sum(xs)};"
+
+
 class Looped(nn.Module):
     """Pre-norm causal transformer whose layer stack runs `passes` times per forward."""
 
@@ -74,8 +88,8 @@ class Looped(nn.Module):
         return self.norm(h) @ self.emb.weight.T
 
 
-def run(args: argparse.Namespace, passes: int) -> float:
-    make = {"mental": mental, "chain": chain, "swaps": swaps}[args.family]
+def data(args: argparse.Namespace) -> tuple[list, list, list[str], dict[str, int], int]:
+    make = {"mental": mental, "chain": chain, "swaps": swaps, "addn": addn}[args.family]
     rng, seen, test, train, misses = random.Random(args.seed), set(), [], [], 0
     while len(test) < args.test or (len(train) < args.train and misses < 20 * args.train):
         # test questions at --ops; training ones at --ops-min .. --ops when given (a curriculum in the data)
@@ -88,24 +102,34 @@ def run(args: argparse.Namespace, passes: int) -> float:
         (test if len(test) < args.test else train).append((q, a))
     chars = sorted({c for q, a in train + test for c in q + a})
     stoi = {c: i + 1 for i, c in enumerate(chars)}
-    T = max(len(q + a) for q, a in train + test) + 1
-    torch.manual_seed(args.seed)
-    model = Looped(len(chars) + 1, args.width, args.layers, passes, T)
-    opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.01)
-    t0, B = time.time(), args.batch
-    for step in range(args.steps):
-        batch = random.Random(step + 1000 * args.seed).sample(train, B)
+    return train, test, chars, stoi, max(len(q + a) for q, a in train + test) + 1
+
+
+def train_steps(model: Looped, args: argparse.Namespace, d: tuple, steps: int, lr: float, offset: int = 0) -> float:
+    """AdamW with warmup and a cosine decay over `steps`; the loss on the answer only. Returns the last loss."""
+    train, _, _, stoi, T = d
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.01)
+    B, loss = args.batch, torch.zeros(())
+    model.train()
+    for step in range(steps):
+        batch = random.Random(offset + step + 1000 * args.seed).sample(train, B)
         x, y = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -100)
-        for i, (q, a) in enumerate(batch):  # loss on the answer only
+        for i, (q, a) in enumerate(batch):
             ids = [stoi[c] for c in q + a]
             x[i, :len(ids)] = torch.tensor(ids)
             y[i, len(q) - 1:len(ids) - 1] = torch.tensor(ids[len(q):])
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            g["lr"] = lr * min(1, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return loss.item()
+
+
+def accuracy(model: Looped, d: tuple) -> float:
+    """Greedy exact answers on the unseen questions."""
+    _, test, chars, stoi, _ = d
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -116,15 +140,46 @@ def run(args: argparse.Namespace, passes: int) -> float:
                 out += chars[nxt - 1] if nxt else "?"
                 ids.append(nxt)
             correct += out == a
-    acc = correct / len(test)
-    print(f"{args.family} ops={args.ops} passes={passes}: train {len(train)} questions, final loss "
-          f"{loss.item():.3f}, exact answers {acc:.3f} of {len(test)} unseen ({time.time() - t0:.0f} s)", flush=True)
+    return correct / len(test)
+
+
+def run(args: argparse.Namespace, passes: int) -> float:
+    d = data(args)
+    torch.manual_seed(args.seed)
+    model = Looped(len(d[2]) + 1, args.width, args.layers, passes, d[4])
+    t0 = time.time()
+    loss = train_steps(model, args, d, args.steps, args.lr)
+    acc = accuracy(model, d)
+    print(f"{args.family} ops={args.ops} passes={passes}: train {len(d[0])} questions, final loss "
+          f"{loss:.3f}, exact answers {acc:.3f} of {len(d[1])} unseen ({time.time() - t0:.0f} s)", flush=True)
     return acc
+
+
+def finetune(args: argparse.Namespace) -> None:
+    """As the pipeline trains AlwaysThink: one pass for --steps (the Standard base), then --finetune-steps
+    more at lr --finetune-lr once with one pass (Standard's SFT) and once with the layers looped twice
+    (AlwaysThink's SFT, every weight trained), from the same weights."""
+    d = data(args)
+    torch.manual_seed(args.seed)
+    base = Looped(len(d[2]) + 1, args.width, args.layers, 1, d[4])
+    t0 = time.time()
+    loss = train_steps(base, args, d, args.steps, args.lr)
+    print(f"{args.family} ops={args.ops} base (one pass, {args.steps} steps): loss {loss:.3f}, exact answers "
+          f"{accuracy(base, d):.3f} ({time.time() - t0:.0f} s)", flush=True)
+    accs = {}
+    for passes in (1, 2):
+        m = copy.deepcopy(base)
+        m.passes = passes
+        loss = train_steps(m, args, d, args.finetune_steps, args.finetune_lr, offset=10 ** 6)
+        accs[passes] = accuracy(m, d)
+        print(f"  + {args.finetune_steps} steps with {passes} pass(es): loss {loss:.3f}, exact answers "
+              f"{accs[passes]:.3f}", flush=True)
+    print(f"fine-tuned two passes - one pass: {accs[2] - accs[1]:+.3f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--family", choices=("mental", "chain", "swaps"), default="mental")
+    ap.add_argument("--family", choices=("mental", "chain", "swaps", "addn"), default="mental")
     ap.add_argument("--ops", type=int, default=2)
     ap.add_argument("--ops-min", type=int, default=None, help="train on ops-min .. ops steps (test: ops)")
     ap.add_argument("--train", type=int, default=4000)
@@ -136,8 +191,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--finetune-steps", type=int, default=0,
+                    help="instead: pretrain one pass, then fine-tune this many steps with one and with two passes")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.finetune_steps:
+        return finetune(args)
     one, two = run(args, 1), run(args, 2)
     print(f"two passes - one pass: {two - one:+.3f} (a depth-bound family at this scale shows a clear gain)")
 
