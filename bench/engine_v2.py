@@ -2,10 +2,9 @@
 the ratios side by side.
 
 Measured, on a random Qwen3 (bench/engine.py's DIMS, default "small": 4 layers x 256, vocabulary 8192),
-threshold calibrated to ~7 % iterated (v1: on the decider's probabilities at the generated tokens of
-greedy depth-1 decodes of the KV rows' prompts -- a random model's greedy text repeats itself, so
-neither random-token probabilities nor other prompts' decodes transfer) and the TaH2 model (M = 4) at
-its median threshold:
+threshold calibrated so that ~7 % of TaH's own greedy generated tokens iterate (v1: `calibrate_decode`,
+on the rows' own prompts -- a random model's greedy text repeats itself, so neither random-token
+probabilities nor other prompts' decodes transfer) and the TaH2 model (M = 4) at its median threshold:
 - KV bytes held per live token (pool blocks used x bytes per block / tokens live, averaged over decode
   steps; a block split into deep blocks counts in full), TaH ÷ Standard and TaH2 ÷ Standard (against
   TaH2's measured average depth d̄ of generated tokens); in brackets the share iterated / d̄ over every
@@ -19,7 +18,7 @@ its median threshold:
 
     PYTHONPATH=. python bench/engine_v2.py                 # ~ minutes on 2 CPU cores
     PYTHONPATH=. python bench/engine_v2.py --size tiny --new-tokens 32
-    PYTHONPATH=. python bench/engine_v2.py --only kv --deep-block-size 4   # the two KV rows (~1-2 min)
+    PYTHONPATH=. python bench/engine_v2.py --only kv --deep-block-size 4   # the KV rows (~1 min)
 """
 
 from __future__ import annotations
@@ -87,7 +86,7 @@ def calibrate_decode(model, ps: list[list[int]], new_tokens: int, share: float, 
     from tah.engine import Engine, EngineConfig
     from tah.engine import SamplingParams as SP
 
-    P, thr, tried = len(ps[0]), None, []  # tried: (|share error|, threshold)
+    P, thr, tried = len(ps[0]), None, []  # tried: (share measured, threshold)
     for _ in range(rounds + 1):
         kw = {"depth_policy": "standard"} if thr is None else {"threshold": thr}
         eng = Engine(model, EngineConfig(max_num_seqs=len(ps), max_model_len=P + new_tokens + 1,
@@ -95,13 +94,13 @@ def calibrate_decode(model, ps: list[list[int]], new_tokens: int, share: float, 
         outs = eng.generate(ps, SP(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
         ids = torch.tensor([p + o.token_ids for p, o in zip(ps, outs)])  # (B, P + new)
         with torch.no_grad():
-            probs = torch.sigmoid(model(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0].float())
-        g = probs[:, P - 1:P + new_tokens - 1].flatten()  # (B * new,)
-        if thr is not None:
-            tried.append((float((g > thr).float().mean()), thr))
+            logits = model(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0]
+        g = logits[:, P - 1:P + new_tokens - 1].flatten()  # (B * new,)
+        if thr is not None:  # the share TaH iterated: the model's own rule on its own text
+            tried.append((float(model.goes_deeper(g, thr).float().mean()), thr))
         low = [t for s, t in tried if s < share]  # thresholds too high
         high = [t for s, t in tried if s >= share]
-        thr = (min(low) + max(high)) / 2 if low and high else float(torch.quantile(g, 1 - share))
+        thr = (min(low) + max(high)) / 2 if low and high else float(torch.quantile(torch.sigmoid(g.float()), 1 - share))
     return min(tried, key=lambda st: abs(st[0] - share))[1]
 
 
@@ -163,7 +162,7 @@ def main() -> None:
     ap.add_argument("--budget-seqs", type=int, default=8, help="KV budget = today's reservation for this many")
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3, help="decode throughput: alternating runs, medians")
-    ap.add_argument("--only", choices=["kv"], default=None, help="kv: only the two KV-bytes rows (~1-2 min)")
+    ap.add_argument("--only", choices=["kv"], default=None, help="kv: only the KV-bytes rows (~1 min)")
     ap.add_argument("--deep-block-size", type=int, default=None, help="EngineConfig.deep_block_size (default: its own)")
     args = ap.parse_args()
     torch.set_num_threads(2)
