@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine import DIMS, v1_model  # noqa: E402
+from engine import DIMS, calibrate, v1_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTHORS_URL = "https://github.com/thu-nics/TaH"
@@ -104,43 +104,6 @@ def build(size: str, seed: int = 0):
     hf = tiny_qwen3(**SIZES[size], initializer_range=0.02)
     torch.manual_seed(seed)
     return v1_model(hf)
-
-
-def calibrate(model, prompts: list[list[int]], new_tokens: int, share: float, tries: int = 4) -> tuple[float, float]:
-    """A threshold that sends ~`share` of the *generated* tokens deeper, and the share it gave.
-
-    The (1 - share) quantile of the decider's depth-1 probabilities at the positions that produce new
-    tokens, on greedy continuations of the bench's own prompts (random-token prompts would calibrate on
-    another distribution: greedy text of a random model repeats itself). Depth-1 probabilities depend on
-    the text alone (duo-causal: depth 1 never sees deeper keys), but the text depends on the threshold,
-    so this starts from the Standard continuations and re-fits on TaH's own until the realised share is
-    within 1 point (at most `tries` TaH runs; the closest is kept). Rounded to fp32 so that both codes
-    compare against one number."""
-    from tah.engine import Engine, EngineConfig, SamplingParams
-
-    def continuations(policy: str, thr: float | None):
-        eng = Engine(model, EngineConfig(max_num_seqs=len(prompts), max_model_len=len(prompts[0]) + new_tokens,
-                                         depth_policy=policy, threshold=thr))
-        return eng.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-
-    def fit(outs) -> float:
-        ids = torch.tensor([p + o.token_ids for p, o in zip(prompts, outs)])  # (B, P + N)
-        with torch.no_grad():
-            logits = model(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0]  # (B, P + N)
-        probs = torch.sigmoid(logits[:, len(prompts[0]) - 1:-1].float())  # (B, N): positions read for new tokens
-        return float(torch.tensor(float(torch.quantile(probs.flatten(), 1 - share)), dtype=torch.float32))
-
-    thr, best = fit(continuations("standard", None)), None
-    for _ in range(tries):
-        outs = continuations("decider", thr)
-        got = sum(d >= 2 for o in outs for d in o.depths) / sum(len(o.depths) for o in outs)
-        if best is None or abs(got - share) < abs(best[1] - share):
-            best = (thr, got)
-        if abs(got - share) <= 0.01:
-            break
-        thr = fit(outs)
-    model.threshold = model.config.threshold = best[0]
-    return best
 
 
 # Our IterationDecider's keys -> their MLPIterDecider's (tah/convert.py maps the other way).
@@ -375,7 +338,8 @@ def main() -> None:
                          generator=torch.Generator().manual_seed(1000))
     if any(len(pool) % B for B in args.batches):
         raise SystemExit(f"error: every batch size must divide the number of prompts ({len(pool)})")
-    thr, got = calibrate(model, pool.tolist(), args.new_tokens, args.share)
+    thr, got = calibrate(model, pool.tolist(), args.new_tokens, args.share)  # (greedy; an fp32 value)
+    model.threshold = model.config.threshold = thr
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "authors_v1"
         save_authors_v1(model, thr, ckpt)

@@ -9,8 +9,9 @@ the prefill to the last token), so that Standard ÷ HF is printed for both setti
 run interleaved (round-robin over `--repeats`) so machine noise hits them alike, and the median is
 reported. TaH uses the decider at
 `--threshold`; a random model's decider is not trained, so by default its threshold is calibrated
-to send `--share` of generated tokens to depth 2 on text the model samples itself (the measured share is
-printed) -- or pass a trained checkpoint. Standard and AlwaysThink are the same engine with forced depths; HF is
+(`calibrate`) to send `--share` of generated tokens to depth 2 on text TaH itself decodes at the
+benchmark's temperature, from prompts of its own (the measured share is printed) -- or pass a trained
+checkpoint. Standard and AlwaysThink are the same engine with forced depths; HF is
 `model.generate` of the plain backbone (greedy, no EOS).
 
     python bench/engine.py                                   # small random Qwen3, batch 1 and 32
@@ -92,30 +93,58 @@ def build(args: argparse.Namespace):
     ref = copy.deepcopy(hf)
     torch.manual_seed(0)
     model = v1_model(hf)
-    return model, ref, calibrate(model, dims["vocab_size"], args), dims["vocab_size"]
+    # Calibrated on prompts of its own (not the benchmark's), at the benchmark's temperature and lengths.
+    thr, _ = calibrate(model, prompts(8, args.prompt_len, dims["vocab_size"], seed=12345), args.new_tokens,
+                       args.share, args.temperature)
+    return model, ref, thr, dims["vocab_size"]
 
 
-def calibrate(model, vocab: int, args: argparse.Namespace, n: int = 8) -> float:
-    """The threshold that sends `args.share` of *generated* tokens to depth 2: the (1 - share) quantile of
-    the decider's probability at the positions that produce generated tokens, over text the model itself
-    samples (Standard engine, the benchmark's temperature, prompt length and length). Random prompts
-    alone under-shoot: a random model's own continuations look nothing like uniform random ids, and
-    tokens calibrated on those iterated 0.8-3 % of generated ones instead of the 7 % asked."""
+def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """n random prompts of `length` token ids in [3, vocab) (ids 0-2 left to special tokens), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=g).tolist()
+
+
+def calibrate(model, ps: list[list[int]], new_tokens: int, share: float, temperature: float = 0.0,
+              rounds: int = 6) -> tuple[float, float]:
+    """A threshold at which TaH's own decodes of `ps` iterate `share` of their generated tokens, and the
+    share it gave. The one calibration of the benchmarks (engine.py, engine_v2.py, authors_v1.py).
+
+    Start from the (1 - share) quantile of the decider's probabilities at the positions that decide the
+    depth of generated tokens (the last prompt token and each generated token fed back) of the Standard
+    engine's decodes; then decode with TaH at the threshold, measure the share its own text iterates, and
+    move: to that text's quantile, or, once one threshold gave too few and one too many, to their
+    midpoint. A token that iterates changes the text after it, and a random model's greedy text repeats
+    itself, so the share is a step function of the threshold (4.0 % at 0.7156, 9.6 % at 0.7052 on 32
+    prompts) and the depth-1 quantile alone lands far from it. Sampled decodes (temperature > 0) draw
+    with seed i for row i, so every round decodes the same draws. The decider reads the depth-1 pass,
+    which is the plain model's whatever depths earlier tokens ran (duo-causal), so one parallel forward
+    gives its probabilities, and the share is the model's own rule (`goes_deeper`) on them. Thresholds
+    are rounded to fp32, so that a checkpoint written for other code (bench/authors_v1.py) compares
+    against the same number. Returns the threshold whose measured share came closest."""
     from tah.engine import Engine, EngineConfig
     from tah.engine import SamplingParams as SP
 
-    g = torch.Generator().manual_seed(12345)  # not the benchmark's prompts
-    prompts = torch.randint(3, vocab, (n, args.prompt_len), generator=g).tolist()
-    eng = Engine(model, EngineConfig(max_num_seqs=n, max_model_len=args.prompt_len + args.new_tokens,
-                                     depth_policy="standard"))
-    outs = eng.generate(prompts, [SP(max_tokens=args.new_tokens, ignore_eos=True, seed=i,
-                                     temperature=args.temperature) for i in range(n)])
+    P, thr, tried = len(ps[0]), None, []  # tried: (share measured, threshold)
+    sp = [SP(max_tokens=new_tokens, temperature=temperature, ignore_eos=True, seed=i) for i in range(len(ps))]
     dev = model.backbone.get_input_embeddings().weight.device
-    ids = torch.tensor([p + list(o.token_ids) for p, o in zip(prompts, outs)], device=dev)
-    with torch.no_grad():  # depth 2 forced so that the decider runs after depth 1 at every position
-        probs = torch.sigmoid(model(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0].float())
-    gen = probs[:, args.prompt_len - 1:-1]  # (n, new_tokens): position t decides the token at t + 1
-    return float(torch.quantile(gen.flatten(), 1 - args.share))
+    for _ in range(rounds + 1):
+        kw = {"depth_policy": "standard"} if thr is None else {"threshold": thr}
+        eng = Engine(model, EngineConfig(max_num_seqs=len(ps), max_model_len=P + new_tokens + 1,
+                                         enable_prefix_caching=False, **kw))
+        outs = eng.generate(ps, sp)
+        ids = torch.tensor([p + list(o.token_ids) for p, o in zip(ps, outs)], device=dev)  # (B, P + new)
+        with torch.no_grad():  # depth 2 forced, so that the decider runs after depth 1 at every position
+            logits = model(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0]
+        g = logits[:, P - 1:P + new_tokens - 1].flatten()  # (B * new,): position t decides the token at t + 1
+        if thr is not None:  # the share TaH iterated: the model's own rule on its own text
+            tried.append((float(model.goes_deeper(g, thr).float().mean()), thr))
+        low = [t for s, t in tried if s < share]  # thresholds too high
+        high = [t for s, t in tried if s >= share]
+        thr = (min(low) + max(high)) / 2 if low and high else float(torch.quantile(torch.sigmoid(g.float()), 1 - share))
+        thr = float(torch.tensor(thr, dtype=torch.float32))
+    got, best = min(tried, key=lambda st: abs(st[0] - share))
+    return best, got
 
 
 PARTS = ["schedule", "prefill", "decode (all below)", "  decode_step", "    self_attn (all below)",
@@ -280,7 +309,7 @@ def main() -> None:
     for B in args.batches:
         g = torch.Generator().manual_seed(B)
         n_req = B * args.waves
-        prompts = torch.randint(3, vocab, (n_req, args.prompt_len), generator=g).tolist()
+        reqs = torch.randint(3, vocab, (n_req, args.prompt_len), generator=g).tolist()
         # Lengths vary (new_tokens/2 .. 3 new_tokens/2) so that under every policy slots free and refill
         # at staggered steps, as in serving; the same lengths for every policy.
         lens = torch.randint(args.new_tokens // 2, 3 * args.new_tokens // 2 + 1, (n_req,), generator=g).tolist()
@@ -291,7 +320,7 @@ def main() -> None:
             phases and refilled as they free)."""
             eng = Engine(model, EngineConfig(max_num_seqs=B, max_model_len=args.prompt_len + 2 * args.new_tokens,
                                              depth_policy=policy, threshold=thr))
-            for p, q in zip(prompts, sp):
+            for p, q in zip(reqs, sp):
                 eng.add_request(p, q)
             for _ in range(args.new_tokens):
                 eng.step()
@@ -318,7 +347,7 @@ def main() -> None:
         def run_hf():  # static batches of B, the paper's sampling defaults
             n, t0 = 0, time.perf_counter()
             for w in range(min(3, args.waves)):  # (the queue holds `waves` batches)
-                ids = torch.tensor(prompts[w * B:(w + 1) * B], device=dev)
+                ids = torch.tensor(reqs[w * B:(w + 1) * B], device=dev)
                 with torch.no_grad():
                     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
@@ -334,7 +363,7 @@ def main() -> None:
             for w in range(min(3, args.waves)):
                 eng = Engine(model, EngineConfig(max_num_seqs=B, max_model_len=args.prompt_len + args.new_tokens,
                                                  depth_policy=policy, threshold=thr))
-                for i, p in enumerate(prompts[w * B:(w + 1) * B]):
+                for i, p in enumerate(reqs[w * B:(w + 1) * B]):
                     eng.add_request(p, SP(max_tokens=args.new_tokens, ignore_eos=True, seed=w * B + i,
                                           temperature=args.temperature))
                 while eng.has_work():

@@ -2,7 +2,7 @@
 the ratios side by side.
 
 Measured, on a random Qwen3 (bench/engine.py's DIMS, default "small": 4 layers x 256, vocabulary 8192),
-threshold calibrated so that ~7 % of TaH's own greedy generated tokens iterate (v1: `calibrate_decode`,
+threshold calibrated so that ~7 % of TaH's own greedy generated tokens iterate (v1: bench/engine.py's `calibrate`,
 on the rows' own prompts -- a random model's greedy text repeats itself, so neither random-token
 probabilities nor other prompts' decodes transfer) and the TaH2 model (M = 4) at its median threshold:
 - KV bytes held per live token (pool blocks used x bytes per block / tokens live, averaged over decode
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine import DIMS, v1_model  # noqa: E402
+from engine import DIMS, calibrate, prompts, v1_model  # noqa: E402
 
 TODAY_COMMIT = "4bbe038"  # the branch point: the last commit with tah/engine.py (the preallocated engine)
 
@@ -60,7 +60,7 @@ def build(size: str, share: float, prompt_len: int, new_tokens: int):
     dims = DIMS[size]
     torch.manual_seed(0)
     v1 = v1_model(tiny_qwen3(**dims, initializer_range=0.02))
-    thr = calibrate_decode(v1, prompts(8, prompt_len, dims["vocab_size"]), new_tokens, share)
+    thr, _ = calibrate(v1, prompts(8, prompt_len, dims["vocab_size"]), new_tokens, share)
     ids = torch.randint(3, dims["vocab_size"], (4, 64))
     tah2 = TaHForCausalLM.from_backbone(tiny_qwen3(**dims, initializer_range=0.02), TaHConfig.tah2(max_depth=4)).eval()
     g = torch.Generator().manual_seed(0)
@@ -69,44 +69,6 @@ def build(size: str, share: float, prompt_len: int, new_tokens: int):
         p2 = torch.sigmoid(tah2(ids, depths=torch.full_like(ids, 4)).decider_logits.float()).flatten()
     thr2 = float(p2.median())
     return v1, thr, tah2, thr2, dims["vocab_size"]
-
-
-def calibrate_decode(model, ps: list[list[int]], new_tokens: int, share: float, rounds: int = 6) -> float:
-    """A threshold at which TaH's own greedy decodes of `ps` iterate `share` of their generated tokens.
-
-    Start from the (1 - share) quantile of the decider's probabilities at the positions that decide the
-    depth of generated tokens (the last prompt token and each generated token fed back) of depth-1
-    decodes; then decode with TaH at the threshold, measure the share its own text iterates, and move:
-    to that text's quantile, or, once one threshold gave too few and one too many, to their midpoint. A
-    token that iterates changes the text after it, and a random model's greedy text repeats itself, so
-    the share is a step function of the threshold (4.0 % at 0.7156, 9.6 % at 0.7052 on 32 prompts) and
-    the depth-1 quantile alone lands far from it. The decider reads the depth-1 pass, which is the plain
-    model's whatever depths earlier tokens ran, so one parallel forward gives its probabilities. Returns
-    the threshold whose measured share came closest."""
-    from tah.engine import Engine, EngineConfig
-    from tah.engine import SamplingParams as SP
-
-    P, thr, tried = len(ps[0]), None, []  # tried: (share measured, threshold)
-    for _ in range(rounds + 1):
-        kw = {"depth_policy": "standard"} if thr is None else {"threshold": thr}
-        eng = Engine(model, EngineConfig(max_num_seqs=len(ps), max_model_len=P + new_tokens + 1,
-                                         enable_prefix_caching=False, **kw))
-        outs = eng.generate(ps, SP(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-        ids = torch.tensor([p + o.token_ids for p, o in zip(ps, outs)])  # (B, P + new)
-        with torch.no_grad():
-            logits = model(ids, depths=torch.full_like(ids, 2)).decider_logits[..., 0]
-        g = logits[:, P - 1:P + new_tokens - 1].flatten()  # (B * new,)
-        if thr is not None:  # the share TaH iterated: the model's own rule on its own text
-            tried.append((float(model.goes_deeper(g, thr).float().mean()), thr))
-        low = [t for s, t in tried if s < share]  # thresholds too high
-        high = [t for s, t in tried if s >= share]
-        thr = (min(low) + max(high)) / 2 if low and high else float(torch.quantile(torch.sigmoid(g.float()), 1 - share))
-    return min(tried, key=lambda st: abs(st[0] - share))[1]
-
-
-def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (n, length), generator=g).tolist()
 
 
 def kv_per_token(eng, ps, sp) -> tuple[float, float, float, float, float]:
@@ -192,7 +154,7 @@ def main() -> None:
     # The same at 32 requests, the threshold calibrated on their own decodes: a pool holds at most one
     # partly used split block, which at 8 requests of ~96 tokens is ~2 % of the tokens live.
     kv32 = prompts(32, args.prompt_len, V, seed=3)
-    thr32 = calibrate_decode(v1, kv32, args.new_tokens, args.share)
+    thr32, _ = calibrate(v1, kv32, args.new_tokens, args.share)
     b_s32, *_ = kv_per_token(Engine(std, cfg(depth_policy="standard", max_num_seqs=32)), kv32, greedy)
     b_t32, d_t32, h_t32, f_t32, a_t32 = kv_per_token(Engine(v1, cfg(threshold=thr32, max_num_seqs=32)), kv32, greedy)
     rows.append(("KV bytes / live token, TaH ÷ Standard, 32 requests", "2.0", f"{b_t32 / b_s32:.3f} (iterated "
