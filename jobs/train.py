@@ -9,7 +9,7 @@ command resumes each unfinished stage from its latest checkpoint (DeepSpeed stat
 skips finished ones. The labelled Parquet is read with Ray Data and split across the workers
 (`get_dataset_shard`, one fixed part per rank). The final model of each stage is the TaH checkpoint in `<stage>/model`.
 With `prune=true` (TaH rather than TaH+) the job first scores every decoder layer by the perplexity
-increase its removal causes on calibration samples (Ray tasks, layers split between them), removes
+increase its removal causes on the assistant tokens of calibration samples (Ray tasks, layers split between them), removes
 the smallest, and trains from that backbone (`<name>/pruned-base`, with `pruning.json`).
 
 `method: tah2` trains a TaH2 model (`model:` a TaHConfig.tah2 configuration) in one stage, `joint`:
@@ -221,7 +221,8 @@ def label_splits(labels: str, max_length: int, world: int) -> dict[str, object]:
 
 
 def score_layers(base_model: str, labels: str, layers: list[int], n_calib: int, max_length: int) -> dict[int, float]:
-    """Perplexity increase of removing each of `layers` on the first validation samples (one Ray task)."""
+    """Perplexity increase of removing each of `layers`, on the assistant tokens of the first validation
+    samples in sample-id order (a hash: a mix of domains); one Ray task."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -233,11 +234,13 @@ def score_layers(base_model: str, labels: str, layers: list[int], n_calib: int, 
     rows = read_validation_rows(labels, max_length)[:n_calib]
     if not rows:
         raise SystemExit(f"no validation samples in {labels} to calibrate pruning on")
-    batches = [(torch.tensor([r["input_ids"]]), torch.ones(1, len(r["input_ids"]), dtype=torch.long)) for r in rows]
+    # Scored on the assistant tokens (what the model is fine-tuned on and generates): see tah/prune.py.
+    batches = [(torch.tensor([r["input_ids"]]), torch.ones(1, len(r["input_ids"]), dtype=torch.long),
+                torch.tensor([r["assistant_mask"]], dtype=torch.long)) for r in rows]
     return layer_ppl_deltas(model, batches, layers)
 
 
-def prune_base(cfg: TrainConfig, n_calib: int = 16) -> str:
+def prune_base(cfg: TrainConfig, n_calib: int = 64) -> str:
     """Score every layer with parallel Ray tasks, remove the cheapest (or cfg.prune_layer); returns the
     pruned base model."""
     import ray

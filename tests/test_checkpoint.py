@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -237,6 +238,30 @@ def test_pruning_picks_the_layer_that_contributes_nothing():
     assert min(v for k, v in deltas.items() if k != 2) > 0.01
     assert min(deltas, key=deltas.get) == 2
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4  # restored
+
+
+def test_perplexity_counts_only_the_loss_masked_targets():
+    """perplexity(..., loss_mask) is exp of the mean cross-entropy over the targets the mask selects
+    (what pruning scores: a chat's assistant tokens), written out here from the logits; an all-ones mask
+    is the default; a mask that selects nothing is an error, not nan."""
+    model = tiny_qwen3(num_layers=2, seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 60, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0  # padding at the end of row 1
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[:, 6:] = 1  # "the response": tokens 6.. (row 1's padding stays out)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)
+    nll = [-float(logp[b, t - 1, ids[b, t]]) for b in range(2) for t in range(1, 12)
+           if loss_mask[b, t] and mask[b, t]]
+    assert len(nll) == 6 + 4
+    expect = math.exp(sum(nll) / len(nll))
+    assert perplexity(model, ids, mask, loss_mask) == pytest.approx(expect, rel=1e-5)
+    assert perplexity(model, ids, mask, torch.ones_like(ids)) == pytest.approx(perplexity(model, ids, mask), rel=1e-6)
+    assert perplexity(model, ids, mask, loss_mask) != pytest.approx(perplexity(model, ids, mask), rel=1e-3)
+    with pytest.raises(ValueError, match="no token to score"):
+        perplexity(model, ids, mask, torch.zeros_like(ids))
 
 
 def test_a_plain_hf_directory_loads_as_the_standard_model(tmp_path):
