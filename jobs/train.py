@@ -9,8 +9,9 @@ command resumes each unfinished stage from its latest checkpoint (DeepSpeed stat
 skips finished ones. The labelled Parquet is read with Ray Data and split across the workers
 (`get_dataset_shard`, one fixed part per rank). The final model of each stage is the TaH checkpoint in `<stage>/model`.
 With `prune=true` (TaH rather than TaH+) the job first scores every decoder layer by the perplexity
-increase its removal causes on the assistant tokens of calibration samples (Ray tasks, layers split between them), removes
-the smallest, and trains from that backbone (`<name>/pruned-base`, with `pruning.json`).
+increase its removal causes on the assistant tokens of calibration samples (Ray tasks, layers split
+between them), removes the smallest, and trains from that backbone (`<name>/pruned-base`, with
+`pruning.json`).
 
 `method: tah2` trains a TaH2 model (`model:` a TaHConfig.tah2 configuration) in one stage, `joint`:
 the decider routes, labels are computed online (tah/train/tah2.py), everything trains. It reads the
