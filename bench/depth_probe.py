@@ -28,6 +28,7 @@ import copy
 import math
 import random
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -88,7 +89,16 @@ class Looped(nn.Module):
         return self.norm(h) @ self.emb.weight.T
 
 
-def data(args: argparse.Namespace) -> tuple[list, list, list[str], dict[str, int], int]:
+class Data(NamedTuple):
+    train: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+    chars: list[str]
+    stoi: dict[str, int]
+    T: int
+    """The longest question + answer, plus one."""
+
+
+def data(args: argparse.Namespace) -> Data:
     make = {"mental": mental, "chain": chain, "swaps": swaps, "addn": addn}[args.family]
     rng, seen, test, train, misses = random.Random(args.seed), set(), [], [], 0
     while len(test) < args.test or (len(train) < args.train and misses < 20 * args.train):
@@ -102,12 +112,17 @@ def data(args: argparse.Namespace) -> tuple[list, list, list[str], dict[str, int
         (test if len(test) < args.test else train).append((q, a))
     chars = sorted({c for q, a in train + test for c in q + a})
     stoi = {c: i + 1 for i, c in enumerate(chars)}
-    return train, test, chars, stoi, max(len(q + a) for q, a in train + test) + 1
+    return Data(train, test, chars, stoi, max(len(q + a) for q, a in train + test) + 1)
 
 
-def train_steps(model: Looped, args: argparse.Namespace, d: tuple, steps: int, lr: float, offset: int = 0) -> float:
+def fresh_model(args: argparse.Namespace, d: Data, passes: int) -> Looped:
+    torch.manual_seed(args.seed)
+    return Looped(len(d.chars) + 1, args.width, args.layers, passes, d.T)
+
+
+def train_steps(model: Looped, args: argparse.Namespace, d: Data, steps: int, lr: float, offset: int = 0) -> float:
     """AdamW with warmup and a cosine decay over `steps`; the loss on the answer only. Returns the last loss."""
-    train, _, _, stoi, T = d
+    train, stoi, T = d.train, d.stoi, d.T
     opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.01)
     B, loss = args.batch, torch.zeros(())
     model.train()
@@ -127,9 +142,9 @@ def train_steps(model: Looped, args: argparse.Namespace, d: tuple, steps: int, l
     return loss.item()
 
 
-def accuracy(model: Looped, d: tuple) -> float:
+def accuracy(model: Looped, d: Data) -> float:
     """Greedy exact answers on the unseen questions."""
-    _, test, chars, stoi, _ = d
+    test, chars, stoi = d.test, d.chars, d.stoi
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -145,13 +160,12 @@ def accuracy(model: Looped, d: tuple) -> float:
 
 def run(args: argparse.Namespace, passes: int) -> float:
     d = data(args)
-    torch.manual_seed(args.seed)
-    model = Looped(len(d[2]) + 1, args.width, args.layers, passes, d[4])
+    model = fresh_model(args, d, passes)
     t0 = time.time()
     loss = train_steps(model, args, d, args.steps, args.lr)
     acc = accuracy(model, d)
-    print(f"{args.family} ops={args.ops} passes={passes}: train {len(d[0])} questions, final loss "
-          f"{loss:.3f}, exact answers {acc:.3f} of {len(d[1])} unseen ({time.time() - t0:.0f} s)", flush=True)
+    print(f"{args.family} ops={args.ops} passes={passes}: train {len(d.train)} questions, final loss "
+          f"{loss:.3f}, exact answers {acc:.3f} of {len(d.test)} unseen ({time.time() - t0:.0f} s)", flush=True)
     return acc
 
 
@@ -160,8 +174,7 @@ def finetune(args: argparse.Namespace) -> None:
     more at lr --finetune-lr once with one pass (Standard's SFT) and once with the layers looped twice
     (AlwaysThink's SFT, every weight trained), from the same weights."""
     d = data(args)
-    torch.manual_seed(args.seed)
-    base = Looped(len(d[2]) + 1, args.width, args.layers, 1, d[4])
+    base = fresh_model(args, d, 1)
     t0 = time.time()
     loss = train_steps(base, args, d, args.steps, args.lr)
     print(f"{args.family} ops={args.ops} base (one pass, {args.steps} steps): loss {loss:.3f}, exact answers "
