@@ -348,7 +348,8 @@ def _job_metrics(root: Path, name: str) -> list[dict]:
 
 def test_tah2_job_trains_on_two_ray_workers(tah2_job):
     """jobs/train.py method tah2 on 2 CPU workers (ZeRO-2 over gloo): the loss falls, both workers use the
-    same thresholds every step, the metrics reach TensorBoard, the best checkpoint loads as TaH2."""
+    same thresholds every step, the metrics reach TensorBoard, the best checkpoint loads as TaH2 and has
+    the val_loss it was picked by."""
     root, vocab, out = tah2_job
     lines = _job_metrics(root, "tah2")
     assert [m["step"] for m in lines] == list(range(1, 7))
@@ -363,9 +364,19 @@ def test_tah2_job_trains_on_two_ray_workers(tah2_job):
     assert any((root / "runs/tah2/tensorboard/joint").glob("events.out.tfevents*"))
     best = json.loads((root / "runs/tah2/joint/result.json").read_text())
     assert best["val_loss"] == min(m["val_loss"] for m in lines if "val_loss" in m)
-    model = TaHForCausalLM.from_pretrained(out["joint"])
+    model = TaHForCausalLM.from_pretrained(out["joint"]).eval()
     assert model.config.decider_kind == "tah2" and model.updater is not None
     assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == vocab
+    # The checkpoint picked by val_loss has that val_loss: the exported model, run alone over the same
+    # validation rows and micro-batches, gives the loss the run logged at its step.
+    from tah.data.labeling import read_validation_rows
+    from tah.train.batching import collate
+
+    rows = read_validation_rows(str(root / "labels"), 1024)
+    with torch.no_grad():
+        per = [float(model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
+               for b in (collate(rows[i:i + 2], "standard", 2) for i in range(0, len(rows), 2))]
+    assert sum(per) / len(per) == pytest.approx(best["val_loss"], rel=1e-5)
 
 
 def test_tah2_job_resumes_exactly_after_a_crash(tah2_job):

@@ -237,7 +237,9 @@ def run_stage(model: TaHForCausalLM, stage: str, method: str, train_rows: list[d
                       scale=accum * world) if stage == "joint" else None
 
     def forward(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        if joint is not None and engine.training:
+        # model.training, not engine.training: DeepSpeedEngine.eval() / .train() set only the wrapped
+        # module's mode, so the engine's own flag stays True and validation would run the training step.
+        if joint is not None and model.training:
             return joint.micro(engine, b), {}
         if joint is not None:  # validation: the mixture's NLL under the decider's routing
             out = engine(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
