@@ -57,3 +57,19 @@ def test_domain_accuracy_is_averaged_with_its_own_error():
     a["mental"], b["mental"] = 0.30, 0.50
     (p,) = points([[a], [b]], ("mental",))
     assert p["mental"] == pytest.approx(0.40) and p["mental_err"] == pytest.approx(math.sqrt(2 * 0.1 ** 2) / math.sqrt(2))  # sample sd / sqrt(n)
+
+
+def test_merge_seeds_replaces_a_rerun_methods_rows_per_seed(tmp_path):
+    """--merge-seeds: a later file of the same seed replaces that seed's row of each method it carries and
+    keeps the others; without it every file is a run of its own."""
+    for seed in (0, 1):
+        rows = [_row("standard", 0.5 + seed / 10, 1.0, 3000), _row("tah2", 0.2, 1.2, 2000)]
+        (tmp_path / f"full{seed}.json").write_text(json.dumps({"seed": seed, "rows": rows}))
+        (tmp_path / f"rerun{seed}.json").write_text(json.dumps({"seed": seed, "rows": [_row("tah2", 0.4 + seed / 10, 1.1, 2100)]}))
+    files = [str(tmp_path / f) for f in ("full0.json", "full1.json", "rerun0.json", "rerun1.json")]
+    pts = {p["method"]: p for p in main([*files, "--merge-seeds", "--out", str(tmp_path / "m")])}
+    assert pts["tah2"]["runs"] == 2 and pts["tah2"]["accuracy"] == pytest.approx(0.45)  # the reruns only
+    assert pts["standard"]["runs"] == 2 and pts["standard"]["accuracy"] == pytest.approx(0.55)
+    assert json.loads((tmp_path / "m" / "seeds.json").read_text())["seeds"] == [0, 1]
+    plain = {p["method"]: p for p in main([*files, "--out", str(tmp_path / "p")])}
+    assert plain["tah2"]["runs"] == 4 and plain["tah2"]["accuracy"] == pytest.approx((0.2 + 0.2 + 0.4 + 0.5) / 4)

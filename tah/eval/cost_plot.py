@@ -8,6 +8,8 @@ standard error over its problems, sqrt(p (1 - p) / n), and the cost's bar is abs
 aggregates seed runs (their `results.json`) into one table and one figure:
 
     python -m tah.eval.cost_plot runs/tiny-seed*/results.json --out runs/tiny-seeds
+    python -m tah.eval.cost_plot runs/tiny-seed*/results.json runs/tiny-tah2-seed*/results.json \
+        --merge-seeds --out runs/tiny-seeds      # tah2's rows from its own reruns, per seed
     make seeds          # 5 seeds of `make run` + TaH2 at M = 4, then this aggregation
 """
 
@@ -116,13 +118,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("results", nargs="+", type=Path, help="results.json of each run (one seed each)")
     ap.add_argument("--out", type=Path, required=True, help="directory for seeds.md, seeds.json, seeds.png")
+    ap.add_argument("--merge-seeds", action="store_true",
+                    help="files of the same seed form one run, a later file's method replacing an earlier "
+                         "file's row of that method (a rerun of some methods beside the full runs)")
     args = ap.parse_args(argv)
     runs, seeds, domains = [], [], []
     for f in args.results:
         doc = json.loads(f.read_text())
-        runs.append(doc["rows"])
-        seeds.append(doc.get("seed"))
+        seed = doc.get("seed")
         domains += [d for d in doc.get("domains", []) if d not in domains]
+        if args.merge_seeds and seed in seeds:
+            if seed is None:
+                raise SystemExit(f"{f}: no seed recorded, so --merge-seeds cannot place it")
+            rows = runs[seeds.index(seed)]
+            new = {r["method"]: r for r in doc["rows"]}
+            rows[:] = [new.pop(r["method"], r) for r in rows] + list(new.values())
+            continue
+        runs.append(list(doc["rows"]))
+        seeds.append(seed)
     pts = points(runs, tuple(domains))
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"{len(runs)} runs (seeds {', '.join(str(s) for s in seeds)}); error bars: s.e. across runs"
