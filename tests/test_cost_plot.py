@@ -73,3 +73,15 @@ def test_merge_seeds_replaces_a_rerun_methods_rows_per_seed(tmp_path):
     assert json.loads((tmp_path / "m" / "seeds.json").read_text())["seeds"] == [0, 1]
     plain = {p["method"]: p for p in main([*files, "--out", str(tmp_path / "p")])}
     assert plain["tah2"]["runs"] == 4 and plain["tah2"]["accuracy"] == pytest.approx((0.2 + 0.2 + 0.4 + 0.5) / 4)
+
+
+def test_merge_seeds_refuses_a_file_without_a_seed(tmp_path):
+    """A results.json with no seed cannot be placed beside a full run: --merge-seeds stops with the file's
+    name and writes nothing, where the plain aggregation counts each file as a run of its own."""
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text(json.dumps({"rows": [_row("standard", 0.5, 1.0, 3000)]}))
+    files = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    with pytest.raises(SystemExit, match="b.json: no seed recorded"):
+        main([*files, "--merge-seeds", "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+    assert main([*files, "--out", str(tmp_path / "p")])[0]["runs"] == 2
