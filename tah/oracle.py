@@ -3,7 +3,8 @@
 Position i makes the prediction of token i + 1. The default metric is **top-1 mismatch**: position i
 is hard iff the reference model's argmax at i differs from token i + 1 (the flag sits on i, the
 position that makes the wrong prediction). Only positions inside the assistant response are
-labelled (token i and token i + 1 both assistant tokens); prompt tokens are always depth 1.
+labelled (token i and token i + 1 both assistant tokens); under TaH prompt tokens run depth 1
+(AlwaysThink runs every token deeper: `row_depths`).
 
 Alternatives (same hard ratio per sample as the mismatch count): the `entropy` or `ce` of the
 reference prediction, top-k per sample. For max_depth > 2 the hard tokens are sorted by reference
@@ -113,12 +114,17 @@ METHODS = ("standard", "always_think", "tah")
 
 
 def row_depths(row: dict[str, Any], method: str, max_depth: int, metric: str = "mismatch") -> torch.Tensor:
-    """(T,) depths of one label row for a training method."""
+    """(T,) depths of one label row for a training method.
+
+    AlwaysThink runs every token at max_depth, the prompt's too: that is the baseline (paper: every
+    token iterates) and what the engine's always_think policy serves. Under its within-depth causal
+    attention a deeper query sees only that depth's keys, so a prompt left at depth 1 in training would
+    leave the answer's deeper passes blind to the question, and serving them prompt keys they never saw."""
     am = torch.as_tensor(row["assistant_mask"])
     if method == "standard" or max_depth == 1:
         return torch.ones(len(am), dtype=torch.long)
     if method == "always_think":
-        return torch.where(am.bool(), torch.full_like(am, max_depth, dtype=torch.long), torch.ones_like(am, dtype=torch.long))
+        return torch.full((len(am),), max_depth, dtype=torch.long)
     if method != "tah":
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return oracle_depths(torch.as_tensor(row["ref_mismatch"]).bool(), torch.as_tensor(row["ref_ce"]),

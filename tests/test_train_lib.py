@@ -75,7 +75,7 @@ def test_methods_and_collate():
     r = rows[0]
     am = torch.tensor(r["assistant_mask"]).bool()
     assert (row_depths(r, "standard", 2) == 1).all()
-    assert (row_depths(r, "always_think", 2)[am] == 2).all() and (row_depths(r, "always_think", 2)[~am] == 1).all()
+    assert (row_depths(r, "always_think", 2) == 2).all() and (row_depths(r, "always_think", 3) == 3).all()
     tah = row_depths(r, "tah", 2)
     lab = labelled_positions(torch.tensor(r["assistant_mask"]))
     assert torch.equal(tah == 2, torch.tensor(r["ref_mismatch"]).bool() & lab)
@@ -131,3 +131,30 @@ def test_stage1_then_stage2_train_what_they_should():
     assert dl[-1] < dl[0]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, mid[n])}
     assert changed and all(n.startswith("decider") for n in changed)
+
+
+def test_always_think_trains_at_the_depths_it_is_served():
+    """AlwaysThink's training forward (collate's depths for the method) gives each answer token the
+    log-probability the engine's always_think policy gave it while generating it (prefill + cached
+    decode, an independent path). With the prompt left at depth 1 in training, the deeper pass of the
+    answer never saw the question (within-depth causal attention) and the two disagreed."""
+    from tah.engine import Engine, EngineConfig, SamplingParams
+
+    from .helpers import make
+
+    model, _ = make(max_depth=2, depth_attention="current")
+    eng = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=64, depth_policy="always_think"))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 14)]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, logprobs=0))
+    rows = [{"input_ids": p + o.token_ids, "assistant_mask": [0] * len(p) + [1] * len(o.token_ids)}
+            for p, o in zip(prompts, outs)]
+    b = collate(rows, "always_think", 2)
+    with torch.no_grad():
+        logits = model(b["input_ids"], attention_mask=b["attention_mask"], depths=b["depths"]).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert set(o.depths) == {2}
+        pos = torch.arange(len(p) - 1, len(p) - 1 + len(o.token_ids))  # position t predicts token t + 1
+        train = logp[i, pos, torch.tensor(o.token_ids)]
+        assert torch.allclose(train, torch.tensor(o.logprobs), atol=1e-5), (train, o.logprobs)

@@ -2,7 +2,7 @@
 
 A label row (jobs/label.py's Parquet) holds input_ids, assistant_mask and the reference statistics;
 depths come from the rules in tah.oracle (row_depths), so one labelled set serves every method and max depth:
-standard -> all 1; always_think -> every assistant token at max depth; tah -> the oracle's depths
+standard -> all 1; always_think -> every token (the prompt too) at max depth; tah -> the oracle's depths
 (re-binned from the stored CE for max_depth > 2, or another metric).
 
 Padding wastes compute, so batches are built either by length buckets (similar lengths together,
