@@ -1,7 +1,7 @@
 """Next-token sampling shared by the reference `generate()` and the serving engine.
 
 Per-row parameters (tensors of shape (B,)) so that one batch can mix requests: temperature
-(0 = greedy), top-k (0 = off), top-p (1 = off), min-p (0 = off), and a per-row torch.Generator for
+(0, or below SAMPLING_EPS = greedy), top-k (0 = off), top-p (1 = off), min-p (0 = off), and a per-row torch.Generator for
 reproducible seeds. The paper's reasoning defaults are temperature 0.6, top-p 0.95, top-k 20.
 `SamplingParams` holds one request's settings and checks them (`check()`: a RequestError, a
 ValueError, for any value that would otherwise fail inside a batched step).
@@ -19,6 +19,9 @@ from typing import Any
 import torch
 
 MAX_LOGPROBS = 20
+SAMPLING_EPS = 1e-5
+"""A temperature below this is greedy (as vLLM's `_SAMPLING_EPS`): dividing logits by 1e-40 would
+overflow to inf and the softmax to NaN."""
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """What torch.Generator.manual_seed accepts: a 64-bit value, signed or unsigned."""
 
@@ -126,9 +129,9 @@ def _as_rows(value: float | int | torch.Tensor, batch: int, dtype: torch.dtype, 
 
 
 def _scaled(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
-    """(B, V) fp32 logits / temperature; rows with temperature 0 unscaled (their caller takes the argmax)."""
+    """(B, V) fp32 logits / temperature; rows below SAMPLING_EPS (greedy) unscaled (their caller takes the argmax)."""
     temp = _as_rows(temperature, logits.shape[0], torch.float32, logits.device)
-    return logits.float() / torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
+    return logits.float() / torch.where(temp >= SAMPLING_EPS, temp, torch.ones_like(temp))[:, None]
 
 
 def _filtered(sorted_x: torch.Tensor, top_k: int | torch.Tensor, top_p: float | torch.Tensor,
@@ -152,7 +155,7 @@ def filter_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                   top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0) -> torch.Tensor:
     """(B, V) logits -> (B, V) fp32 scaled logits with the filtered-out tokens at -inf.
 
-    Rows with temperature 0 are left unscaled (the caller takes their argmax).
+    Greedy rows (temperature below SAMPLING_EPS) are left unscaled (the caller takes their argmax).
     """
     x = _scaled(logits, temperature)
     sorted_x, order = x.sort(dim=-1, descending=True)  # (B, V)
@@ -166,15 +169,24 @@ def candidates(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, to
     """(B, V) logits -> (probs (B, C), token ids (B, C)): the distribution of `filter_logits` restricted
     to its C most likely tokens (zeros where filtered out), most likely first.
 
-    When every row has a top-k, only max(top_k) candidates are looked at (topk, not a full-vocabulary
-    sort): sampling a batch then costs O(B x k) after one topk instead of O(B x V log V)."""
+    The order is canonical: descending value, ties by ascending token id (a stable sort), so a row's
+    candidates -- and the token its uniform draw picks -- never depend on the other rows. When every row
+    has a top-k, only max(top_k) candidates are looked at (topk, not a full-vocabulary sort): sampling a
+    batch then costs O(B x k) after one topk instead of O(B x V log V); unless a row's own k-th value
+    ties with tokens topk left out (bf16 logits tie often), when the batch takes the full sort."""
     B, V = logits.shape
     x = _scaled(logits, temperature)
     k = _as_rows(top_k, B, torch.long, logits.device).clamp(0, V)
     if bool((k > 0).all()):
-        vals, ids = x.topk(int(k.max()), dim=-1)  # (B, C) sorted
+        vals, ids = x.topk(int(k.max()), dim=-1)  # (B, C), ties in no promised order
+        ids, by_id = ids.sort(dim=-1)  # canonical: by id, then stably by value
+        vals, by_val = vals.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+        ids = ids.gather(1, by_val)
+        kth = vals.gather(1, (k - 1)[:, None])  # (B, 1) each row's own k-th value
+        if bool(((x == kth).sum(-1) > (vals == kth).sum(-1)).any()):  # a tie at a row's cut left out
+            vals, ids = x.sort(dim=-1, descending=True, stable=True)
     else:
-        vals, ids = x.sort(dim=-1, descending=True)
+        vals, ids = x.sort(dim=-1, descending=True, stable=True)
     probs, drop = _filtered(vals, k, top_p, min_p)
     probs = probs.masked_fill(drop, 0.0)
     return probs / probs.sum(-1, keepdim=True), ids
@@ -183,7 +195,7 @@ def candidates(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, to
 def sample(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
            top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
            generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids; greedy where temperature == 0.
+    """(B, V) logits -> (B,) token ids; greedy where temperature < SAMPLING_EPS.
 
     One uniform draw per row (from that row's generator, if given) picks a token by inverse CDF over
     `candidates`: a row's draws do not depend on what else is in the batch."""
@@ -191,7 +203,7 @@ def sample(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k:
     dev = logits.device
     temp = _as_rows(temperature, B, torch.float32, dev)
     greedy = logits.argmax(-1)
-    if bool((temp <= 0).all()):
+    if bool((temp < SAMPLING_EPS).all()):
         return greedy
     probs, ids = candidates(logits, temp, top_k, top_p, min_p)
     if generators is None:
@@ -204,4 +216,4 @@ def sample(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k:
     # Never land on a filtered-out candidate through rounding at the end of the CDF.
     choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)
     drawn = ids.gather(1, choice)[:, 0]
-    return torch.where(temp > 0, drawn, greedy)
+    return torch.where(temp >= SAMPLING_EPS, drawn, greedy)

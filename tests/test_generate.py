@@ -129,3 +129,45 @@ def test_sampling_candidates_are_the_filtered_distribution(top_k):
         freq = torch.bincount(draws[:, b], minlength=200).float() / len(draws)
         assert (freq - ref[b]).abs().max() < 0.03
         assert bool((ref[b][draws[:, b]] > 0).all())  # never a filtered-out token
+
+
+def _rows_of(*specs):
+    """Engine-shaped rows for sample_rows: (temperature, top_k, seed) each."""
+    from types import SimpleNamespace
+
+    from tah.sampling import SamplingParams
+
+    return [SimpleNamespace(params=SamplingParams(temperature=t, top_k=k, top_p=1.0),
+                            generator=torch.Generator().manual_seed(s)) for t, k, s in specs]
+
+
+def test_a_seeded_row_draws_the_same_token_whatever_its_neighbours_top_k():
+    """Ties (bf16 logits tie often) are ordered by token id in every path (topk of the batch's largest k,
+    or the full sort when a row has no top-k): before, the tied candidates' order followed the path the
+    neighbours chose, and the same seed picked another token (~7 % of draws here)."""
+    from tah.engine.outputs import sample_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(300, 2000, generator=g) * 2).to(torch.bfloat16)
+    for s in range(300):
+        lg = logits[s:s + 1].expand(2, -1)
+        alone = sample_rows(lg[:1], _rows_of((1.0, 20, s)))[0]
+        for k in (0, 50, 7):
+            assert sample_rows(lg, _rows_of((1.0, 20, s), (1.0, k, 99)))[0] == alone, (s, k)
+
+
+def test_a_broken_or_tiny_temperature_row_never_moves_a_seeded_neighbour():
+    """A temperature below SAMPLING_EPS is greedy (1e-40 used to overflow to NaN and fail); a row whose
+    logits break sampling after every row drew fails alone, and the others' generators are rewound
+    before the row-by-row retry, so they draw what they would have drawn alone."""
+    from tah.engine.outputs import sample_rows
+
+    g = torch.Generator().manual_seed(1)
+    lg = torch.randn(2, 64, generator=g)
+    alone = sample_rows(lg[1:], _rows_of((1.0, 0, 7)))[0]
+    got = sample_rows(lg, _rows_of((1e-40, 0, 1), (1.0, 0, 7)))
+    assert got == [int(lg[0].argmax()), alone]
+    bad = lg.clone()
+    bad[0] = float("nan")
+    got = sample_rows(bad, _rows_of((1.0, 0, 1), (1.0, 0, 7)))
+    assert isinstance(got[0], BaseException) and got[1] == alone

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..sampling import sample
+from ..sampling import SAMPLING_EPS, sample
 
 if TYPE_CHECKING:
     from .scheduler import Request
@@ -85,12 +85,16 @@ class RequestOutput:
 
 
 def sample_rows(logits: torch.Tensor, reqs: list["Request"]) -> list[int | BaseException]:
-    """(n, V) -> one token per row, or the exception of a row whose parameters broke sampling."""
+    """(n, V) -> one token per row, or the exception of a row whose parameters or logits broke sampling."""
+    states = [r.generator.get_state() for r in reqs]
     try:
         return _sample_batch(logits, reqs)
     except Exception:
-        # One row's parameters broke the batched call (before any row drew from its generator):
-        # sample row by row, so that only that row fails.
+        # One row broke the batched call, perhaps after every row drew from its generator: rewind the
+        # generators and sample row by row, so that only that row fails and the others draw what they
+        # would have drawn.
+        for r, st in zip(reqs, states):
+            r.generator.set_state(st)
         out: list[int | BaseException] = []
         for i, r in enumerate(reqs):
             try:
@@ -104,7 +108,7 @@ def _sample_batch(logits: torch.Tensor, reqs: list["Request"]) -> list[int]:
     p = [r.params for r in reqs]
     dev = logits.device
     temp = torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev)
-    if bool((temp <= 0).all()):
+    if bool((temp < SAMPLING_EPS).all()):
         return logits.argmax(-1).tolist()
     return sample(logits, temp, torch.tensor([x.top_k for x in p], device=dev),
                   torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev),
