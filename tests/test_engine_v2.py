@@ -85,6 +85,7 @@ def test_hostile_sizes_get_a_clear_error_not_a_hang():
         if not eng.has_work():
             break
     assert not eng.has_work() and last.request_id == rid and last.finish_reason == "error"
+    assert isinstance(last.error, RequestError)  # the request's size: the client's 400, not a 500
     assert "KV blocks" in str(last.error) and eng.pool.num_used == 0
 
 
@@ -117,6 +118,57 @@ def test_prefix_cache_hit_equals_miss(tah2):
     assert payload > 0  # the prefix's iterated tokens were cached with it
     assert eng.pool.num_used == 0 and miss.pool.num_used == 0
 
+
+
+def test_threshold_changed_mid_prefill_applies_to_later_requests_only():
+    """Serve's reconfigure sets engine.threshold from another thread while a step runs. A request keeps
+    the threshold it was admitted with (its prefill, its decode, the prefix-cache hash its prompt blocks
+    are registered under), so a later request at the new threshold never attends deeper entries the
+    old one wrote. Before, the blocks were registered under the new threshold's hash."""
+    model, thr = _model_with_mixed_depths()
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, block_size=8)
+    prefix = _prompts(1, seed=13, lo=24, hi=25)[0]
+    a, b = (prefix + s for s in _prompts(2, seed=14, lo=2, hi=6))
+    sp = SamplingParams(max_tokens=8, temperature=0.0)
+    eng = Engine(model, cfg)
+    prefill = eng.runner.prefill
+
+    def then_reconfigure(*args, **kwargs):
+        out = prefill(*args, **kwargs)
+        eng.threshold = 1.0  # nothing goes deeper from here on
+        return out
+
+    eng.runner.prefill = then_reconfigure
+    got_a = eng.generate([a], sp)[0]
+    eng.runner.prefill = prefill
+    got_b = eng.generate([b], sp)[0]
+    want_a = _alone(model, cfg, a, sp)
+    want_b = _alone(model, EngineConfig(**{**cfg.__dict__, "threshold": 1.0}), b, sp)
+    assert 2 in want_a.depths or want_a.stats.prompt_depth_counts.get(2)  # the two thresholds differ here
+    for got, want in ((got_a, want_a), (got_b, want_b)):
+        assert got.token_ids == want.token_ids and got.depths == want.depths
+        assert got.stats.prompt_depth_counts == want.stats.prompt_depth_counts
+    assert eng.pool.num_used == 0
+
+
+def test_a_failure_caching_prompt_blocks_fails_no_request():
+    """Registering prompt blocks in the prefix cache copies their deeper entries (memory can run out);
+    a failure there leaves those blocks uncached and every request runs on with its own tokens."""
+    model, thr = _model_with_mixed_depths()
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, block_size=8)
+    prompts = [p + q for p, q in zip(_prompts(2, seed=13, lo=17, hi=25), _prompts(2, seed=14, lo=2, hi=6))]
+    sp = SamplingParams(max_tokens=8, temperature=0.0)
+    eng = Engine(model, cfg)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+
+    eng.pool.snapshot = fail
+    outs = eng.generate(prompts, sp, arrivals=[0, 2])
+    for p, o in zip(prompts, outs):
+        assert o.finish_reason == "length" and o.token_ids == _alone(model, cfg, p, sp).token_ids
+    assert eng.pool.payload_bytes() == 0  # nothing was registered
+    assert eng.pool.num_used == 0
 
 # ---------------------------------------------------------------------- fake runner: no model
 def _req(rid: str, n: int, seq: int, cap: int = 2, max_tokens: int = 8) -> Request:

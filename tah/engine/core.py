@@ -172,7 +172,8 @@ class Engine:
                       torch.Generator(device=self.device).manual_seed(seed),
                       RequestStats(prompt_tokens=n, arrival=time.perf_counter()), SeqKV(self.max_depth),
                       cap=self._cap(params), seq=next(self._seq),
-                      stop_ids=frozenset(int(t) for t in params.stop_token_ids))
+                      stop_ids=frozenset(int(t) for t in params.stop_token_ids),
+                      threshold=float(params.threshold if params.threshold is not None else self.threshold))
         with self._lock:
             if rid in self._live:
                 raise RequestError(f"request id {rid!r} is already in use")
@@ -211,7 +212,7 @@ class Engine:
         return params.max_depth or self.max_depth
 
     def _thr(self, r: Request) -> float:
-        return r.params.threshold if r.params.threshold is not None else self.threshold
+        return r.threshold  # fixed at admission (Request.threshold)
 
     def stats(self) -> dict[str, float]:
         """Engine-wide gauges and counters (serve/tah.py exports them on /metrics)."""
@@ -351,7 +352,7 @@ class Engine:
             for r in new:
                 self.runner.release(r)
             if alone:
-                self._fail(new, RuntimeError(f"request {new[0].rid} needs more KV blocks than the pool holds "
+                self._fail(new, RequestError(f"request {new[0].rid} needs more KV blocks than the pool holds "
                                              f"({self.pool.num_blocks} of {self.pool.block_size} tokens)"), events)
             else:
                 self.scheduler.requeue(new)
@@ -370,7 +371,11 @@ class Engine:
                     if counts[k]:
                         r.stats.prompt_depth_counts[k] = r.stats.prompt_depth_counts.get(k, 0) + counts[k]
             if self.config.enable_prefix_caching:
-                self._cache_prompt_blocks(r)
+                try:
+                    self._cache_prompt_blocks(r)
+                except Exception:  # (e.g. out of memory copying its deeper entries) the cache is an
+                    # optimisation: this request and every other one run on without these blocks cached
+                    log.exception("could not cache request %s's prompt blocks; continuing uncached", r.rid)
         return logits, depth, new
 
     def _cache_prompt_blocks(self, r: Request) -> None:

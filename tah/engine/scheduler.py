@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling import SamplingParams
+from ..sampling import RequestError, SamplingParams
 from .kv import BlockPool, SeqKV, chain_hashes
 from .outputs import RequestStats
 
@@ -70,6 +70,10 @@ class Request:
     """Its prefill ran out of blocks: admit it next with the worst case reserved."""
     prompt_logprobs: list | None = None
     """Its prompt scored (SamplingParams.prompt_logprobs), once, before its first prefill."""
+    threshold: float = 0.9
+    """Its decider threshold, fixed at admission (its own, or the engine's then): a threshold changed
+    while it runs (Serve's reconfigure) applies to later requests, so one request's tokens, and the
+    prefix-cache entries its prefill registers under that threshold's hash, all come from one threshold."""
 
     @property
     def tokens(self) -> list[int]:
@@ -177,7 +181,7 @@ class Scheduler:
             if len(self.running) == 1:  # alone and still out of blocks: it cannot fit this pool
                 r = self.running.pop()
                 plan.freed += self.release(r)
-                plan.failed.append((r, RuntimeError(
+                plan.failed.append((r, RequestError(  # the request's size, not a fault: the client's 400
                     f"request {r.rid} needs more KV blocks than the pool holds ({self.pool.num_blocks} blocks "
                     f"of {self.pool.block_size} tokens)")))
                 break
@@ -223,7 +227,7 @@ class Scheduler:
                 whole = need - hit_free + math.ceil(need_deep / pool.split)
                 if alone and whole > pool.num_blocks:
                     self.waiting.pop(0)
-                    plan.failed.append((r, RuntimeError(
+                    plan.failed.append((r, RequestError(
                         f"request {r.rid} needs {whole} KV blocks of {bs} tokens for {n} tokens; the pool holds "
                         f"{pool.num_blocks}")))
                     continue
