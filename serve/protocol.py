@@ -412,9 +412,10 @@ def echo_logprobs(prompt_lps: list[tuple[float, list[tuple[int, float]]] | None]
 
 
 def completion_logprobs(tokenizer: Any, tokens: list[int], lps: list[float | None],
-                        tops: list[list[tuple[int, float]] | None]) -> dict[str, Any]:
+                        tops: list[list[tuple[int, float]] | None], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's completion logprobs; text_offset counts from `offset` (a stream's text sent before)."""
     pieces = [tokenizer.decode([t]) for t in tokens]
-    offsets, o = [], 0
+    offsets, o = [], offset
     for p in pieces:
         offsets.append(o)
         o += len(p)

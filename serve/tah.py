@@ -471,7 +471,8 @@ class TaHServer:
         def params(i: int):
             sp = req.sampling(lp, i) if not scoring else dataclasses.replace(req.sampling(lp, i), max_tokens=1)
             # seed + i per prompt: a batch of prompts answers as the same prompts sent one by one would
-            return dataclasses.replace(sp, prompt_logprobs=lp if echo else None)
+            # the prompt is scored once, by its first choice; its other choices echo that scoring
+            return dataclasses.replace(sp, prompt_logprobs=lp if echo and i == 0 else None)
 
         try:
             # A TaskGroup, not gather: when one choice fails the others are cancelled (their slots freed).
@@ -494,7 +495,7 @@ class TaHServer:
                 prompt = prompts[i // req.n]
                 source = req.prompts()[i // req.n]
                 text = (source if isinstance(source, str) else self.tokenizer.decode(prompt)) + text
-                e_lps, e_tops = echo_logprobs(p_lps)
+                e_lps, e_tops = echo_logprobs(results[i - i % req.n][8])  # its prompt's first choice's
                 toks, lps, tops = prompt + toks, e_lps + lps, e_tops + tops
             logprobs = None
             if lp is not None:
@@ -525,6 +526,7 @@ class TaHServer:
     async def _sse(self, gen, first, req, rid: str, created: int, n_prompt: int, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
         n, it, depths, prompt_depths = 0, 0, {}, {}
+        sent = 0  # characters of text streamed so far (completions' text_offset counts from it)
 
         def chunk(c: dict[str, Any] | None, role: bool = False) -> str:
             if chat:
@@ -536,7 +538,8 @@ class TaHServer:
             else:
                 choice = {"index": 0, "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
                 if c["logprob"] is not None:
-                    choice["logprobs"] = completion_logprobs(self.tokenizer, [c["token"]], [c["logprob"]], [c["top"]])
+                    choice["logprobs"] = completion_logprobs(self.tokenizer, [c["token"]], [c["logprob"]], [c["top"]],
+                                                             offset=sent)
             body = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": [choice]}
             return f"data: {json.dumps(body)}\n\n"
 
@@ -549,6 +552,7 @@ class TaHServer:
                 depths[c["depth"]] = depths.get(c["depth"], 0) + 1
                 prompt_depths = c["prompt_depths"] or prompt_depths
                 yield chunk(c)
+                sent += len(c["text"])
                 c = await gen.__anext__() if c["finish_reason"] is None else None
             if req.stream_options is not None and req.stream_options.include_usage:
                 body = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": [],

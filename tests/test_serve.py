@@ -107,6 +107,12 @@ def test_completions_chat_stream_models(server):
                                             extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].text for c in chunks) == res.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
+    # with logprobs, each chunk's text_offset counts the text streamed before it (as vLLM's does)
+    chunks = list(client.completions.create(model="tah", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            logprobs=0, extra_body={"ignore_eos": True}))
+    offsets = [c.choices[0].logprobs.text_offset[0] for c in chunks]
+    assert offsets == [sum(len(c.choices[0].text) for c in chunks[:k]) for k in range(len(chunks))]
+    assert offsets[-1] > 0
 
     # Chat: the template is applied; streamed == not streamed; usage in the last chunk when asked.
     msgs = [{"role": "user", "content": "What is 7 * 6?"}]
@@ -163,6 +169,11 @@ def test_echo_scoring_prompt_lists_and_tokenizer_endpoints(server):
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(p)
         assert lp.token_logprobs[1:] == pytest.approx([e[0] for e in ref[1:]], abs=1e-5)
         assert [len(t) for t in lp.top_logprobs[1:]] == [1] * (len(p) - 1)
+    # n = 2: the prompt is scored once, and both its choices echo that scoring
+    two = client.completions.create(model="tah", prompt=texts, max_tokens=0, echo=True, logprobs=1, temperature=0, n=2)
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    for c, one in zip(two.choices, [res.choices[0], res.choices[0], res.choices[1], res.choices[1]]):
+        assert c.text == one.text and c.logprobs.token_logprobs == one.logprobs.token_logprobs
     # echo with generation: prompt then completion, in text and in logprobs
     gen = client.completions.create(model="tah", prompt=ids[0], max_tokens=5, echo=True, logprobs=0, temperature=0,
                                     extra_body={"ignore_eos": True})
