@@ -217,8 +217,12 @@ def run_stage(model: TaHForCausalLM, stage: str, method: str, train_rows: list[d
 
         engine.load_checkpoint(hooks.resume_dir, tag="ds")
         step = json.loads(open(os.path.join(hooks.resume_dir, STATE_NAME)).read())["step"]
-        # Dropout draws continue exactly where the interrupted run stopped.
-        torch.set_rng_state(load_file(os.path.join(hooks.resume_dir, f"rng-rank{rank}.safetensors"))["cpu"])
+        # Dropout draws continue exactly where the interrupted run stopped (on a GPU they come from the
+        # device's generator, saved beside the CPU's).
+        rng = load_file(os.path.join(hooks.resume_dir, f"rng-rank{rank}.safetensors"))
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
     writer, jsonl = None, None
     if hooks.log_dir and rank == 0:
         from tensorboardX import SummaryWriter
@@ -310,7 +314,10 @@ def run_stage(model: TaHForCausalLM, stage: str, method: str, train_rows: list[d
 
                 with tempfile.TemporaryDirectory() as tmp:
                     engine.save_checkpoint(tmp, tag="ds")  # collective: every rank writes its shard
-                    save_file({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
+                    rng = {"cpu": torch.get_rng_state()}
+                    if device.type == "cuda":
+                        rng["cuda"] = torch.cuda.get_rng_state(device)
+                    save_file(rng, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
                     if rank == 0:
                         with open(os.path.join(tmp, STATE_NAME), "w") as f:
                             json.dump({"step": step, "stage": stage}, f)
