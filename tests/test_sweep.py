@@ -57,6 +57,7 @@ def _reserved_placement_groups(wait_s: float = 30.0) -> list[dict]:
         time.sleep(0.5)
 
 
+@pytest.mark.slow  # ~3.5 min: `make test-slow` (the threshold sweep below keeps Tune in the default suite)
 def test_train_sweep_asha_restore_and_best_recipe(setup):
     """Two trials, the second with a learning rate that wrecks the model at its first step: ASHA
     (grace 1) stops it at its first stage-1 validation, while its TorchTrainer runs. Its Train workers
@@ -105,9 +106,14 @@ def test_threshold_sweep_is_evaluation_only(setup):
     import subprocess
     import sys
 
-    ckpt = next((setup / "sweeps" / "tiny-train" / "trials").glob("*/stage2/model"), None)
-    if ckpt is None:
-        pytest.skip("needs the train sweep's checkpoints")
+    from transformers import AutoModelForCausalLM
+
+    from tah import TaHConfig, TaHForCausalLM
+
+    # A TaH checkpoint over the shipped base (its LoRA and decider untrained): the sweep only evaluates.
+    ckpt = setup / "threshold-ckpt"
+    TaHForCausalLM.from_backbone(AutoModelForCausalLM.from_pretrained(shipped_base_model()),
+                                 TaHConfig(max_depth=2)).save_pretrained(ckpt)
     args = [f"output={setup / 'sweeps'}", f"eval.labels={setup / 'labels'}", *SHORT, f"checkpoint={ckpt}",
             "thresholds=[0.0,1.0]"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
