@@ -284,6 +284,27 @@ def test_block_pool_prefix_cache_lru_and_refcounts():
     assert pool.num_used == 0
 
 
+
+@pytest.mark.parametrize("prompt_only", [False, True])
+def test_prefix_lookup_stops_at_the_prompt_when_prompts_run_at_depth_1(prompt_only):
+    """Under prompt_depth="depth1" a cached block ran its tokens as a prompt (depth 1), but a resumed
+    request's generated tokens ran the decider: its lookup covers its prompt only."""
+    from tah.engine.kv import chain_hashes
+
+    pool = BlockPool(8, 4, 1, 1, 2, torch.float32, "cpu")
+    s = Scheduler(pool, max_num_seqs=2, max_prefill_tokens=64, deep_reserve=0.0, prompt_only_hits=prompt_only)
+    r = _req("r", 8, 0)
+    r.output = [50, 51, 52, 53, 54]  # resumed after preemption: 13 tokens to feed again
+    cached = pool.allocate(3)  # another request's prompt == r's prompt + its first 4 generated tokens
+    for b, h in zip(cached, chain_hashes(r.tokens, 4, 3, "seed")):
+        pool.register(b, h, DeepPayload())
+    pool.free(cached)
+    s.add(r)
+    plan = s.schedule(lambda r: "seed")
+    assert plan.prefill == [r] and r.kv.shared == (2 if prompt_only else 3)
+    s.finish(r)
+    assert pool.num_used == 0
+
 def test_output_processor_stops_lengths_and_logprobs():
     failed = []
     proc = OutputProcessor({2}, max_model_len=12, fail=lambda rs, e, ev: failed.extend(rs))
@@ -500,3 +521,51 @@ def test_paged_decode_attention_reads_the_pool_exactly(dtype):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     assert pool.num_used == 2 + 4  # ceil(8 / 4) + ceil(14 / 4) blocks held
+
+
+def test_prompt_depth1_runs_the_prompt_at_depth_1_and_the_rest_by_the_decider():
+    """EngineConfig.prompt_depth="depth1" (the prompt as TaH v1 trains it): each generated token is the
+    argmax of one parallel forward over the final text run at forced depths -- the prompt at 1, each
+    generated token at the depth the engine reports -- and the engine's depth decisions are that
+    forward's decider's (`goes_deeper`). Preempted-and-resumed (a pool too small) and prefix-cache hits
+    (a shared 24-token prefix) give the tokens each request gets alone; scoring matches the prefill."""
+    model, thr = _model_with_mixed_depths()
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=64, threshold=thr, block_size=8, prompt_depth="depth1")
+    prefix = _prompts(1, seed=13, lo=24, hi=25)[0]
+    prompts = [prefix + s for s in _prompts(3, seed=14, lo=2, hi=6)]
+    sp = SamplingParams(max_tokens=10, temperature=0.0, logprobs=0)
+    eng = Engine(model, cfg)
+    outs = eng.generate(prompts, sp, arrivals=[0, 1, 1])
+    assert eng.pool.prefix_hits >= 24
+    for p, o in zip(prompts, outs):
+        n = len(p)
+        assert o.stats.prompt_depth_counts == {1: n} and o.depths[0] == 1
+        seq = torch.tensor([p + o.token_ids])
+        depths = torch.tensor([[1] * n + o.depths[1:] + [1]])
+        with torch.no_grad():
+            full = model(seq, depths=depths, threshold=thr)
+        assert full.logits[0, n - 1:-1].argmax(-1).tolist() == o.token_ids
+        went = model.goes_deeper(full.decider_logits[0, n:-1, 0], thr).tolist()
+        assert went == [d == 2 for d in o.depths[1:]]
+        lp = torch.log_softmax(full.logits[0, n - 1:-1], -1).gather(1, seq[0, n:, None])[:, 0]
+        assert torch.allclose(torch.tensor(o.logprobs), lp, atol=1e-4)
+        alone = Engine(model, EngineConfig(**{**cfg.__dict__, "enable_prefix_caching": False})).generate([p], sp)[0]
+        assert o.token_ids == alone.token_ids and o.depths == alone.depths
+    assert any(2 in o.depths for o in outs)  # the decider still iterates generated tokens
+    # the same model under the default (the decider on the prompt too) runs some prompt tokens deeper
+    assert any(Engine(model, EngineConfig(**{**cfg.__dict__, "prompt_depth": "decider"})).generate(
+        [p], sp)[0].stats.prompt_depth_counts.get(2, 0) for p in prompts)
+    # a pool too small: preempted and resumed (prompt at depth 1, its generated tokens by the decider)
+    small = EngineConfig(**{**cfg.__dict__, "block_size": 4, "num_kv_blocks": 16, "max_model_len": 48})
+    short = _prompts(5, seed=11, lo=6, hi=12)
+    eng = Engine(model, small)
+    got = eng.generate(short, SamplingParams(max_tokens=14, temperature=0.0))
+    assert eng.scheduler.num_preemptions > 0
+    for p, o in zip(short, got):
+        a = _alone(model, small, p, SamplingParams(max_tokens=14, temperature=0.0))
+        assert o.token_ids == a.token_ids and o.depths == a.depths
+    # scoring (echo) runs the prompt as the prefill does: its last logprob is the first token's
+    scored = Engine(model, cfg).generate([prompts[0] + outs[0].token_ids[:1]],
+                                         SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))[0]
+    assert abs(scored.prompt_logprobs[-1][0] - outs[0].logprobs[0]) <= 1e-5
+    assert eng.pool.num_used == 0

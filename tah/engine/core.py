@@ -55,6 +55,7 @@ from .runner import ModelRunner
 from .scheduler import Request, Scheduler
 
 DepthPolicy = Literal["decider", "standard", "always_think"]
+PromptDepth = Literal["decider", "depth1"]
 DEPTH_POLICIES = typing.get_args(DepthPolicy)
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,11 @@ class EngineConfig:
     """decider (TaH) | standard (all depth 1) | always_think (all at max depth)."""
     threshold: float | None = None
     """Decider threshold; None = the checkpoint's."""
+    prompt_depth: PromptDepth = "decider"
+    """Under the decider policy, the depths of a request's prompt tokens: decider (the authors' v1
+    generate: the decider runs on every prompt token) | depth1 (every prompt token at depth 1, as TaH
+    v1 trains them: stage 1 leaves the prompt at depth 1 and stage 2 never trains the decider there);
+    generated tokens follow the decider either way."""
     block_size: int = 16
     """Tokens per KV block (depth-1 tables, prefix caching)."""
     deep_block_size: int = 1
@@ -125,9 +131,12 @@ class Engine:
         hkv, hd = hf.kv_shape(model.backbone.config)
         self.pool = BlockPool(n_blocks, cfg.block_size, model.num_layers, hkv, hd, w.dtype, self.device,
                               cfg.deep_block_size)
+        depth1 = cfg.depth_policy == "decider" and cfg.prompt_depth == "depth1"
+        # (a prompt run at depth 1 caches blocks that a resumed request's generated tokens, which ran the
+        # decider, must not hit)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_prefill_tokens, cfg.deep_reserve,
-                                   cfg.enable_prefix_caching)
-        self.runner = ModelRunner(model, self.pool, cfg.max_num_seqs, cfg.depth_policy)
+                                   cfg.enable_prefix_caching, prompt_only_hits=depth1)
+        self.runner = ModelRunner(model, self.pool, cfg.max_num_seqs, cfg.depth_policy, prompt_depth1=depth1)
         self.outputs = OutputProcessor(self.eos, cfg.max_model_len, self._fail)
         self._aborts: set[str] = set()
         self._live: set[str] = set()  # ids waiting or running (a duplicate id would cross two streams)
@@ -211,6 +220,12 @@ class Engine:
             return 1
         return params.max_depth or self.max_depth
 
+    def _prefix_seed(self, r: Request) -> str:
+        """What a prompt's cached entries depend on besides its tokens."""
+        if self.runner.prompt_depth1:  # its prompt ran depth 1 whatever the threshold
+            return f"{self.config.depth_policy}|1|"
+        return self.scheduler.prefix_seed(r, self.config.depth_policy, self._thr(r))
+
     def _thr(self, r: Request) -> float:
         return r.threshold  # fixed at admission (Request.threshold)
 
@@ -285,8 +300,7 @@ class Engine:
         return events
 
     def _step(self, events: list[TokenEvent]) -> None:
-        cfg = self.config
-        plan = self.scheduler.schedule(lambda r: self.scheduler.prefix_seed(r, cfg.depth_policy, self._thr(r)))
+        plan = self.scheduler.schedule(self._prefix_seed)
         for r in plan.preempted:
             self.runner.release(r)
             r.stats.preemptions += 1
@@ -323,7 +337,8 @@ class Engine:
         threshold its prefill uses (tests check it against the prefill's own last-token logits)."""
         ids = torch.tensor([r.prompt], dtype=torch.long, device=self.device)  # (1, T)
         forced = torch.full_like(ids, r.cap) if self.config.depth_policy != "decider" else None
-        with self.model.depth_capped(r.cap if forced is None else None):
+        cap = 1 if self.runner.prompt_depth1 else r.cap
+        with self.model.depth_capped(cap if forced is None else None):
             logits = self.model(ids, depths=forced, threshold=self._thr(r), return_decider_logits=False).logits[0]
         logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # (T - 1, V): position i predicts token i + 1
         target = ids[0, 1:]
@@ -383,7 +398,7 @@ class Engine:
         bs, n_full = self.config.block_size, len(r.prompt) // self.config.block_size
         if n_full <= r.kv.shared:
             return
-        seed = self.scheduler.prefix_seed(r, self.config.depth_policy, self._thr(r))
+        seed = self._prefix_seed(r)
         hashes = chain_hashes(r.prompt, bs, n_full, seed)
         for i in range(r.kv.shared, n_full):
             self.pool.register(r.kv.tables[0][i], hashes[i], self.pool.snapshot(r.kv, i * bs, (i + 1) * bs))

@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 class ModelRunner:
     """Runs the model for a step plan; depth_policy: decider | standard | always_think."""
 
-    def __init__(self, model: TaHForCausalLM, pool: BlockPool, max_num_seqs: int, policy: str) -> None:
+    def __init__(self, model: TaHForCausalLM, pool: BlockPool, max_num_seqs: int, policy: str,
+                 prompt_depth1: bool = False) -> None:
         c = model.config
         self.model, self.pool, self.policy = model, pool, policy
+        self.prompt_depth1 = prompt_depth1  # prompt tokens at depth 1 (EngineConfig.prompt_depth)
         self.max_depth, self.mixture = c.max_depth, c.combine != "logit_residual"
         w = model.backbone.get_input_embeddings().weight
         self.device, self.vocab_size = w.device, w.shape[0]
@@ -65,45 +67,76 @@ class ModelRunner:
     def prefill(self, reqs: list["Request"], thresholds: list[float]
                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(n, V) final logits of each request's last token, (n,) its depth, and per request the depths
-        its fed tokens ran. May raise kv.NoFreeBlocks (its deeper entries did not fit)."""
+        its fed tokens ran. May raise kv.NoFreeBlocks (its deeper entries did not fit).
+
+        Each request feeds its uncached tokens. With prompt_depth1 that is two phases: its prompt's at
+        depth 1, then (a request resumed after preemption) its generated tokens at its cap."""
+        n = len(reqs)
+        # phases: lists of (request index, tokens to feed, depth cap)
+        if not self.prompt_depth1:
+            phases = [[(j, r.tokens[r.kv.lengths[0]:], r.cap) for j, r in enumerate(reqs)]]
+        else:
+            first = [(j, r.prompt[r.kv.lengths[0]:], 1) for j, r in enumerate(reqs) if r.kv.lengths[0] < len(r.prompt)]
+            # (the prefix cache never hits past a prompt in this mode: Scheduler.prompt_only_hits)
+            then = [(j, r.output, r.cap) for j, r in enumerate(reqs) if r.output]
+            phases = [ph for ph in (first, then) if ph]
+        if len(phases) == 1 and len(phases[0]) == n:  # every request in order, one phase: as it is
+            return self._forward(reqs, phases[0], thresholds)
+        logits = depth = None
+        ran: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        for phase in phases:
+            lg, dp, rn = self._forward(reqs, phase, thresholds)
+            if logits is None:
+                logits = torch.zeros(n, lg.shape[1], dtype=lg.dtype, device=self.device)
+                depth = torch.zeros(n, dtype=torch.long, device=self.device)
+            js = torch.tensor([j for j, _, _ in phase], device=self.device)
+            logits[js], depth[js] = lg, dp
+            for (j, _, _), d in zip(phase, rn):
+                ran[j].append(d)
+        return logits, depth, [torch.cat(x) for x in ran]
+
+    def _forward(self, reqs: list["Request"], feeds: list[tuple[int, list[int], int]], thresholds: list[float]
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """One phase of a prefill: (m, V) last-token logits, (m,) their depth, the depths each fed token
+        ran, for feeds = (request index, tokens, depth cap) into each request's paged cache."""
         dev = self.device
         forced = self.policy != "decider"
         # One forward per distinct cap, run as the model of that max depth: under a forced policy too
         # (the same result -- forced tokens stop at the cap either way -- without the decider running at
         # a cap it cannot change, and Standard's head runs on the last token only).
         groups: dict[int, list[int]] = {}
-        for j, r in enumerate(reqs):
-            groups.setdefault(r.cap, []).append(j)
-        logits = torch.zeros(len(reqs), self.vocab_size, device=dev)
-        depth = torch.zeros(len(reqs), dtype=torch.long, device=dev)
-        ran: list[torch.Tensor] = [torch.zeros(0)] * len(reqs)
-        for cap, js in groups.items():
-            rs = [reqs[j] for j in js]
-            feeds = [r.tokens[r.kv.lengths[0]:] for r in rs]  # after the prefix-cache hit
-            T = max(len(f) for f in feeds)
+        for i, (_, _, cap) in enumerate(feeds):
+            groups.setdefault(cap, []).append(i)
+        logits = torch.zeros(len(feeds), self.vocab_size, device=dev)
+        depth = torch.zeros(len(feeds), dtype=torch.long, device=dev)
+        ran: list[torch.Tensor] = [torch.zeros(0)] * len(feeds)
+        for cap, idx in groups.items():
+            rs = [reqs[feeds[i][0]] for i in idx]
+            toks = [feeds[i][1] for i in idx]
+            T = max(len(f) for f in toks)
             ids = torch.zeros(len(rs), T, dtype=torch.long, device=dev)
             valid = torch.zeros(len(rs), T, dtype=torch.bool, device=dev)
-            for i, f in enumerate(feeds):
+            for i, f in enumerate(toks):
                 ids[i, :len(f)] = torch.tensor(f, dtype=torch.long)
                 valid[i, :len(f)] = True
-            last = torch.tensor([len(f) - 1 for f in feeds], device=dev)
+            last = torch.tensor([len(f) - 1 for f in toks], device=dev)
             fd = None
             if forced:  # every token runs its request's cap
-                fd = torch.tensor([r.cap for r in rs], device=dev)[:, None].expand(len(rs), T).contiguous()
-            thr = [thresholds[j] for j in js]
+                fd = torch.tensor([cap] * len(rs), device=dev)[:, None].expand(len(rs), T).contiguous()
+            thr = [thresholds[feeds[i][0]] for i in idx]
             thr_t = thr[0] if all(t == thr[0] for t in thr) else torch.tensor(thr, dtype=torch.float32, device=dev)
             with self.model.depth_capped(cap):
                 out = self.model(ids, attention_mask=valid, depths=fd, past_key_values=self.batch(rs),
                                  threshold=thr_t, return_decider_logits=False, logits_at=last)
-            jt = torch.tensor(js, device=dev)
+            it = torch.tensor(idx, device=dev)
             if len(groups) == 1:
                 logits = out.logits
             else:
                 logits = logits.to(out.logits.dtype)
-                logits[jt] = out.logits
-            depth[jt] = out.depths[torch.arange(len(rs), device=dev), last]
-            for i, j in enumerate(js):
-                ran[j] = out.depths[i, :len(feeds[i])]
+                logits[it] = out.logits
+            depth[it] = out.depths[torch.arange(len(rs), device=dev), last]
+            for i, k in enumerate(idx):
+                ran[k] = out.depths[i, :len(toks[i])]
         return logits, depth, ran
 
     # ------------------------------------------------------------------ decode

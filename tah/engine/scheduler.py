@@ -107,9 +107,12 @@ class Scheduler:
     """Waiting queue (by age), running list (by admission; the last is the newest), and the pool."""
 
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_prefill_tokens: int,
-                 deep_reserve: float | None = None, prefix_caching: bool = True) -> None:
+                 deep_reserve: float | None = None, prefix_caching: bool = True,
+                 prompt_only_hits: bool = False) -> None:
         self.pool, self.max_num_seqs, self.max_prefill_tokens = pool, max_num_seqs, max_prefill_tokens
         self.deep_reserve, self.prefix_caching = deep_reserve, prefix_caching
+        self.prompt_only_hits = prompt_only_hits
+        """Look the cache up over a request's prompt only (not a resumed request's generated tokens)."""
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.depth_tokens: Counter = Counter()  # tokens run by depth (learns the deeper share)
@@ -214,8 +217,9 @@ class Scheduler:
             if plan.prefill and n > budget:
                 break
             hashes, hits = [], []
-            if self.prefix_caching:
-                hashes = chain_hashes(toks, bs, (n - 1) // bs, seed_of(r))  # the last token is always run
+            if self.prefix_caching:  # the last token is always run
+                upto = min(n - 1, len(r.prompt)) if self.prompt_only_hits else n - 1
+                hashes = chain_hashes(toks, bs, upto // bs, seed_of(r))
                 hits = self.pool.lookup(hashes)
             deep_entries = self._payload_entries(hashes[:len(hits)], r.cap)
             hit_free = sum(1 for b in hits if pool.ref[b] == 0)  # counted in num_free until taken
