@@ -221,9 +221,6 @@ class Engine:
         return params.max_depth or self.max_depth
 
     def _prefix_seed(self, r: Request) -> str:
-        """What a prompt's cached entries depend on besides its tokens."""
-        if self.runner.prompt_depth1:  # its prompt ran depth 1 whatever the threshold
-            return f"{self.config.depth_policy}|1|"
         return self.scheduler.prefix_seed(r, self.config.depth_policy, self._thr(r))
 
     def _thr(self, r: Request) -> float:

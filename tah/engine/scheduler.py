@@ -141,7 +141,10 @@ class Scheduler:
         return sum(math.ceil(self.share(d) * n_tokens / dbs) for d in range(2, r.cap + 1))
 
     def prefix_seed(self, r: Request, policy: str, threshold: float) -> str:
-        """What the cached entries depend on besides the tokens: policy, cap, threshold (decider)."""
+        """What the cached entries depend on besides the tokens: policy, cap, threshold (decider); a
+        prompt run at depth 1 (prompt_only_hits) depends on neither cap nor threshold."""
+        if self.prompt_only_hits:
+            return f"{policy}|1|"
         return f"{policy}|{r.cap}|{threshold if policy == 'decider' and r.cap > 1 else ''}"
 
     # ------------------------------------------------------------------ blocks
